@@ -1,0 +1,134 @@
+"""Ports: what the domain needs from the world, as Protocols.
+
+Each port has interchangeable implementations in ``adapters/``, in the way dicomweb-client's
+``DICOMwebClient`` and ``DICOMfileClient`` share one interface: a FHIR server or a folder of
+bundles behind :class:`ClinicalRecords`, a PACS over DICOMweb or a folder of DICOM files behind
+:class:`ImagingArchive`, a PostgreSQL server or an embedded one behind the indexes. The embedded
+implementations are first-class: the demo and the tests run on them.
+
+Data ports are ``async`` because their implementations wait on networks and disks; model ports
+are ``async`` so that an implementation can batch concurrent requests or run off the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from core.types import (
+    CaseRecord,
+    ImagingResult,
+    IndexedCase,
+    LabResult,
+    ModelCard,
+    Passage,
+    Vector,
+)
+
+__all__ = [
+    "CaseIndex",
+    "ClinicalRecords",
+    "ImageEmbedder",
+    "ImagingArchive",
+    "LiteratureIndex",
+    "TextEmbedder",
+]
+
+
+@runtime_checkable
+class ClinicalRecords(Protocol):
+    """A patient's clinical record (FHIR server, CDS Hooks prefetch, or a folder of bundles).
+
+    Implementations raise :class:`core.errors.SourceUnavailable` when the source cannot answer.
+    """
+
+    async def laboratory_results(self, patient_id: str) -> Sequence[LabResult]:
+        """All laboratory results of the patient that carry a numeric value."""
+        ...
+
+
+@runtime_checkable
+class ImagingArchive(Protocol):
+    """A patient's chest radiographs (a PACS over DICOMweb, or a folder of DICOM files).
+
+    Implementations raise :class:`core.errors.SourceUnavailable` when the archive cannot answer;
+    a study that exists but cannot be used is reported in ``ImagingResult.skipped``.
+    """
+
+    async def chest_images(
+        self, patient_id: str, *, limit: int = 4, study_uid: str | None = None
+    ) -> ImagingResult:
+        """Decoded chest images of the patient, most recent first, at most ``limit``; only
+        those of study ``study_uid`` when it is given."""
+        ...
+
+
+@runtime_checkable
+class ImageEmbedder(Protocol):
+    """The image tower of an image/text model; its text tower shares the embedding space."""
+
+    card: ModelCard
+    dimension: int
+
+    async def embed_images(self, images: Sequence[Vector]) -> Vector:
+        """L2-normalised embeddings, shape ``(len(images), dimension)``, of ``(H, W)`` images."""
+        ...
+
+    async def embed_findings(self, texts: Sequence[str]) -> Vector:
+        """L2-normalised embeddings of findings texts in the image embedding space."""
+        ...
+
+
+@runtime_checkable
+class TextEmbedder(Protocol):
+    """A text embedding model for literature search."""
+
+    card: ModelCard
+    dimension: int
+
+    async def embed_texts(self, texts: Sequence[str]) -> Vector:
+        """L2-normalised embeddings, shape ``(len(texts), dimension)``."""
+        ...
+
+
+@runtime_checkable
+class CaseIndex(Protocol):
+    """Indexed past cases, searchable by fused image+findings vector and by lab profile."""
+
+    async def upsert_cases(self, cases: Sequence[IndexedCase]) -> None:
+        """Insert or replace cases by ``case_id``; running it twice changes nothing."""
+        ...
+
+    async def case_ids(self) -> frozenset[str]:
+        """The ids of all indexed cases (to resume an interrupted ingestion)."""
+        ...
+
+    async def nearest_by_image(
+        self, query: Vector, *, k: int, exclude_patient: str
+    ) -> Sequence[tuple[CaseRecord, float]]:
+        """Cases whose fused vector is closest to an image embedding, with cosine similarity."""
+        ...
+
+    async def nearest_by_labs(
+        self, query: Vector, *, k: int, exclude_patient: str, min_measured: int
+    ) -> Sequence[tuple[CaseRecord, float]]:
+        """Cases whose lab profile is closest (Euclidean distance) among those with at least
+        ``min_measured`` measured tests."""
+        ...
+
+
+@runtime_checkable
+class LiteratureIndex(Protocol):
+    """Indexed literature passages."""
+
+    async def upsert_passages(self, passages: Sequence[Passage], vectors: Vector) -> None:
+        """Insert or replace passages by ``passage_id`` with their dense vectors."""
+        ...
+
+    async def passage_ids(self) -> frozenset[str]:
+        """The ids of all indexed passages (to resume an interrupted ingestion)."""
+        ...
+
+    async def nearest_passages(self, query: Vector, *, k: int) -> Sequence[tuple[Passage, float]]:
+        """Passages closest to a dense query vector, with cosine similarity."""
+        ...
