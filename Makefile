@@ -37,6 +37,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy --strict core
 	$(VENV)/bin/mypy
 
 test: lint

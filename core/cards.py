@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections import Counter
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -50,12 +50,18 @@ _CARD_NAMESPACE = uuid.UUID("0b6c2a3e-6f1d-4c55-9d7e-3c1f3b8a2d10")
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    _keep_empty: ClassVar[frozenset[str]] = frozenset()
+
     @model_validator(mode="before")
     @classmethod
     def _drop_empty_lists(cls, data: Any) -> Any:
         # The spec: "JSON elements SHALL NOT be null or empty"; an empty list means "absent".
         if isinstance(data, dict):
-            return {k: v for k, v in data.items() if not (isinstance(v, list) and not v)}
+            return {
+                k: v
+                for k, v in data.items()
+                if k in cls._keep_empty or not (isinstance(v, list) and not v)
+            }
         return data
 
     def to_json(self) -> dict[str, Any]:
@@ -150,14 +156,11 @@ class Card(_Model):
 class CdsResponse(_Model):
     """The body of a CDS service's answer."""
 
+    # The one list the spec requires even when empty: "no guidance" is ``{"cards": []}``.
+    _keep_empty: ClassVar[frozenset[str]] = frozenset({"cards"})
+
     cards: list[Card]
     systemActions: list[Action] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        """As :meth:`_Model.to_json`, but ``cards`` is always present, possibly empty."""
-        body = super().to_json()
-        body.setdefault("cards", [])
-        return body
 
 
 def _fit(text: str, limit: int = SUMMARY_MAX) -> str:

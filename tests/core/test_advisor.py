@@ -1,0 +1,155 @@
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+
+from core.advisor import Advisor
+from core.errors import SourceUnavailable
+from core.ingestion import CaseSource, FusionWeights, ingest_cases, ingest_passages
+from core.labs import LAB_PANEL
+from core.types import CaseRecord, ChestImage, LabResult, Passage
+from tests.core.doubles import (
+    FixedImaging,
+    FixedRecords,
+    MeanImageModel,
+    MemoryCases,
+    MemoryLiterature,
+    TextDouble,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+def image(patient, seed):
+    pixels = np.random.default_rng(seed).random((16, 16)).astype(np.float32)
+    return ChestImage(f"study-{patient}", f"series-{patient}", f"sop-{patient}", pixels)
+
+
+def cbc(patient, hb):
+    when = datetime(2020, 1, 1, tzinfo=UTC)
+    names = {t.loinc: t for t in LAB_PANEL}
+    return [
+        LabResult("718-7", "Hemoglobin", hb, "g/dL", when, f"Observation/{patient}-hb"),
+        LabResult("6690-2", "WBC", 7.0, names["6690-2"].unit, when, f"Observation/{patient}-w"),
+        LabResult("777-3", "Platelets", 250.0, "10*3/uL", when, f"Observation/{patient}-p"),
+    ]
+
+
+PATIENTS = {"p1": ("Effusion",), "p2": ("No Finding",), "p3": ("Cardiomegaly", "Effusion")}
+
+
+@pytest.fixture
+def world():
+    imaging = FixedImaging({p: [image(p, i)] for i, p in enumerate([*PATIENTS, "query"])})
+    records = FixedRecords({p: cbc(p, 9.0 + i) for i, p in enumerate([*PATIENTS, "query"])})
+    return imaging, records, MeanImageModel(), TextDouble(), MemoryCases(), MemoryLiterature()
+
+
+def sources():
+    return [
+        CaseSource(
+            CaseRecord(f"case-{p}", f"Patient/{p}", f"study-{p}", f, "test fixture"),
+            "Chest radiograph: " + ", ".join(f),
+        )
+        for p, f in PATIENTS.items()
+    ]
+
+
+async def test_ingestion_is_idempotent_and_reports_skips(world):
+    imaging, records, image_model, _, cases, _ = world
+    missing = CaseSource(CaseRecord("case-x", "Patient/x", "none", (), "test"), "text")
+    report = await ingest_cases(
+        [*sources(), missing],
+        records=records,
+        imaging=imaging,
+        image_model=image_model,
+        index=cases,
+        weights=FusionWeights(0.5, 0.5),
+        batch_size=2,
+    )
+    assert report.indexed == 3
+    assert report.skipped == [("case-x", "study none: no chest image in the study")]
+    stored = cases.cases["case-p3"]
+    assert stored.labs is not None
+    assert stored.labs.measured_count == 3
+    np.testing.assert_allclose(np.linalg.norm(stored.fused), 1.0, rtol=1e-5)
+    again = await ingest_cases(
+        sources(), records=records, imaging=imaging, image_model=image_model, index=cases
+    )
+    assert (again.indexed, again.already_indexed) == (0, 3)
+
+
+async def test_passage_ingestion_resumes(world):
+    *_, text_model, _, literature = world
+    passages = [Passage(f"{i}:0", str(i), f"text {i}") for i in range(5)]
+    seen = []
+    first = await ingest_passages(
+        passages[:3], text_model=text_model, index=literature, on_progress=seen.append
+    )
+    second = await ingest_passages(passages, text_model=text_model, index=literature, batch_size=1)
+    assert (first.indexed, second.indexed, second.already_indexed) == (3, 2, 3)
+    assert sum(seen) == 3
+    assert await literature.passage_ids() == {p.passage_id for p in passages}
+
+
+async def advisor_for(world):
+    imaging, records, image_model, text_model, cases, literature = world
+    await ingest_cases(
+        sources(), records=records, imaging=imaging, image_model=image_model, index=cases
+    )
+    await literature.upsert_passages(
+        [Passage("7:0", "7", "effusion management"), Passage("8:0", "8", "knee surgery")],
+        text_model.vectors(["effusion management", "knee surgery"]),
+    )
+    return Advisor(
+        imaging=imaging,
+        image_model=image_model,
+        text_model=text_model,
+        cases=cases,
+        literature=literature,
+    )
+
+
+async def test_brief_for_a_patient(world):
+    advisor = await advisor_for(world)
+    brief = await advisor.brief("query", world[1])
+    assert brief.patient_ref == "Patient/query"
+    assert {h.case.case_id for h in brief.cases} == {"case-p1", "case-p2", "case-p3"}
+    assert all(h.image_rank and h.lab_rank for h in brief.cases)
+    assert "effusion" in brief.literature_query
+    assert brief.passages[0].passage.pmid == "7"
+    assert brief.omissions == ()
+    assert [m.name for m in brief.models] == ["test-image", "test-text"]
+
+
+async def test_own_patient_is_never_its_own_neighbour(world):
+    advisor = await advisor_for(world)
+    brief = await advisor.brief("p1", world[1])
+    assert "Patient/p1" not in {h.case.patient_ref for h in brief.cases}
+
+
+async def test_imaging_failure_degrades_to_labs_with_a_note(world):
+    advisor = await advisor_for(world)
+    world[0].failure = "timed out"
+    brief = await advisor.brief("query", world[1])
+    assert brief.cases
+    assert all(h.image_rank is None and h.lab_rank for h in brief.cases)
+    assert brief.omissions[0] == "imaging unavailable (timed out); cases matched by labs only"
+
+
+async def test_record_failure_propagates(world):
+    advisor = await advisor_for(world)
+    with pytest.raises(SourceUnavailable, match="FHIR server unavailable: down"):
+        await advisor.brief("query", FixedRecords(failure="down"))
+
+
+async def test_patient_without_images_or_labs(world):
+    advisor = await advisor_for(world)
+    brief = await advisor.brief("nobody", FixedRecords())
+    assert brief.cases == ()
+    assert brief.passages == ()
+    assert brief.omissions == (
+        "no chest radiograph on file; cases matched by labs only",
+        "lab comparison skipped: 0 of the panel's tests measured, 3 needed",
+        "literature not searched: no findings in similar cases and no abnormal labs",
+    )
