@@ -1,0 +1,199 @@
+"""Schema migrations and the record of index models, against a real PostgreSQL with pgvector."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from psycopg import AsyncConnection
+
+from adapters.store.pgvector_store import PgVectorStore
+from adapters.store.schema import (
+    MIGRATIONS,
+    HnswParams,
+    IndexModelMismatch,
+    IndexModels,
+    SchemaVersionError,
+    drop_index,
+    lab_panel_id,
+    migrate,
+)
+from core.labs import LAB_PANEL, LabTest
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+MODELS = IndexModels(image_model="image-a", image_dim=8, text_model="text-a", text_dim=16)
+OPEN_ARGS: dict[str, Any] = {
+    "image_model": MODELS.image_model,
+    "image_dim": MODELS.image_dim,
+    "text_model": MODELS.text_model,
+    "text_dim": MODELS.text_dim,
+}
+
+
+@pytest.fixture
+async def dsn(database: str) -> str:
+    """The module's database with no index in it."""
+    await PgVectorStore.drop(database)
+    return database
+
+
+async def _rows(dsn: str, query: str) -> list[tuple[Any, ...]]:
+    async with await AsyncConnection.connect(dsn) as conn:
+        cursor = await conn.execute(query)
+        return await cursor.fetchall()
+
+
+async def test_migrate_applies_each_migration_once(dsn: str) -> None:
+    async with await AsyncConnection.connect(dsn) as conn:
+        first = await migrate(conn, MODELS)
+        second = await migrate(conn, MODELS)
+    assert first == tuple(m.version for m in MIGRATIONS)
+    assert second == ()
+    versions = await _rows(dsn, "SELECT version FROM schema_migrations ORDER BY version")
+    assert [v for (v,) in versions] == [m.version for m in MIGRATIONS]
+
+
+async def test_opening_twice_keeps_schema_and_records_models(dsn: str) -> None:
+    async with await PgVectorStore.open(dsn, **OPEN_ARGS):
+        pass
+    async with await PgVectorStore.open(dsn, **OPEN_ARGS) as store:
+        assert store.models == MODELS
+    recorded = await _rows(dsn, "SELECT role, model, dim FROM index_models")
+    assert {role: (model, dim) for role, model, dim in recorded} == MODELS.by_role()
+    assert len(await _rows(dsn, "SELECT version FROM schema_migrations")) == len(MIGRATIONS)
+
+
+async def test_concurrent_migrations_serialise(dsn: str) -> None:
+    async def one() -> tuple[int, ...]:
+        async with await AsyncConnection.connect(dsn) as conn:
+            return await migrate(conn, MODELS)
+
+    results = await asyncio.gather(one(), one(), one())
+    assert sorted(results) == [(), (), tuple(m.version for m in MIGRATIONS)]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"image_model": "image-b"},
+        {"image_dim": 12},
+        {"text_model": "text-b"},
+        {"text_dim": 32},
+        {"lab_panel": lab_panel_id(LAB_PANEL[:-1]), "lab_dim": len(LAB_PANEL) - 1},
+    ],
+)
+async def test_other_models_are_refused_and_nothing_changes(
+    dsn: str, change: dict[str, Any]
+) -> None:
+    async with await PgVectorStore.open(dsn, **OPEN_ARGS):
+        pass
+    with pytest.raises(IndexModelMismatch, match="rebuild") as raised:
+        await PgVectorStore.open(dsn, **(OPEN_ARGS | change))
+    assert raised.value.recorded == MODELS.by_role()
+    assert raised.value.requested != MODELS.by_role()
+    recorded = await _rows(dsn, "SELECT role, model, dim FROM index_models")
+    assert {role: (model, dim) for role, model, dim in recorded} == MODELS.by_role()
+
+
+async def test_drop_allows_a_rebuild_with_other_models(dsn: str) -> None:
+    async with await PgVectorStore.open(dsn, **OPEN_ARGS):
+        pass
+    await PgVectorStore.drop(dsn)
+    other = OPEN_ARGS | {"image_model": "image-b", "image_dim": 12}
+    async with await PgVectorStore.open(dsn, **other) as store:
+        assert store.models.image_dim == 12
+    column = await _rows(
+        dsn,
+        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute"
+        " WHERE attrelid = 'cases'::regclass AND attname = 'fused'",
+    )
+    assert column == [("vector(12)",)]
+
+
+async def test_schema_from_a_newer_release_is_refused(dsn: str) -> None:
+    async with await AsyncConnection.connect(dsn) as conn:
+        await migrate(conn, MODELS)
+        await conn.execute(
+            "INSERT INTO schema_migrations (version, description) VALUES (%s, %s)",
+            (MIGRATIONS[-1].version + 1, "from the future"),
+        )
+        await conn.commit()
+        with pytest.raises(SchemaVersionError):
+            await migrate(conn, MODELS)
+
+
+async def test_tables_columns_and_indexes(dsn: str) -> None:
+    async with await AsyncConnection.connect(dsn) as conn:
+        await migrate(conn, MODELS, HnswParams(m=8, ef_construction=32))
+    columns = await _rows(
+        dsn,
+        "SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull"
+        " FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid"
+        " WHERE c.relname IN ('cases', 'passages') AND a.attnum > 0 AND NOT a.attisdropped",
+    )
+    types = {(table, name): (kind, not_null) for table, name, kind, not_null in columns}
+    assert types[("cases", "fused")] == ("vector(8)", True)
+    assert types[("cases", "image")] == ("vector(8)", True)
+    assert types[("cases", "findings_embedding")] == ("vector(8)", True)
+    assert types[("cases", "labs")] == (f"vector({len(LAB_PANEL)})", False)
+    assert types[("cases", "patient_ref")] == ("text", True)
+    assert types[("cases", "findings")] == ("text[]", True)
+    assert types[("cases", "labs_measured")] == ("integer", True)
+    assert types[("passages", "dense")] == ("vector(16)", True)
+    assert types[("passages", "pmid")] == ("text", True)
+    assert types[("passages", "title")] == ("text", False)
+
+    indexes = await _rows(
+        dsn,
+        "SELECT i.relname, am.amname, i.reloptions, pg_get_indexdef(i.oid)"
+        " FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid"
+        " JOIN pg_class t ON t.oid = x.indrelid JOIN pg_am am ON am.oid = i.relam"
+        " WHERE t.relname IN ('cases', 'passages')",
+    )
+    by_name = {name: (method, options, ddl) for name, method, options, ddl in indexes}
+    for name, column in [("cases_fused_hnsw_idx", "fused"), ("passages_dense_hnsw_idx", "dense")]:
+        method, options, ddl = by_name[name]
+        assert method == "hnsw"
+        assert sorted(options) == ["ef_construction=32", "m=8"]
+        assert f"({column} vector_cosine_ops)" in ddl
+    assert by_name["cases_patient_ref_idx"][0] == "btree"
+
+
+async def test_default_hnsw_parameters_are_pgvectors(dsn: str) -> None:
+    async with await AsyncConnection.connect(dsn) as conn:
+        await migrate(conn, MODELS)
+    options = await _rows(
+        dsn, "SELECT reloptions FROM pg_class WHERE relname = 'passages_dense_hnsw_idx'"
+    )
+    assert sorted(options[0][0]) == ["ef_construction=64", "m=16"]
+
+
+async def test_drop_index_removes_every_table(dsn: str) -> None:
+    async with await AsyncConnection.connect(dsn) as conn:
+        await migrate(conn, MODELS)
+        await drop_index(conn)
+    tables = await _rows(dsn, "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")
+    assert tables == []
+
+
+def test_models_and_hnsw_parameters_are_validated() -> None:
+    with pytest.raises(ValueError, match="image_dim"):
+        IndexModels(image_model="a", image_dim=2001, text_model="b", text_dim=8)
+    with pytest.raises(ValueError, match="text_dim"):
+        IndexModels(image_model="a", image_dim=8, text_model="b", text_dim=0)
+    with pytest.raises(ValueError, match="text_model"):
+        IndexModels(image_model="a", image_dim=8, text_model=" ", text_dim=8)
+    with pytest.raises(ValueError, match="ef_construction"):
+        HnswParams(m=16, ef_construction=20)
+    with pytest.raises(ValueError, match="m must"):
+        HnswParams(m=1)
+
+
+def test_lab_panel_id_follows_the_panel() -> None:
+    wider = LabTest("718-7", "Hemoglobin", "g/dL", 11.0, 17.5)
+    changed = tuple(wider if t.loinc == wider.loinc else t for t in LAB_PANEL)
+    assert lab_panel_id(LAB_PANEL) == lab_panel_id(tuple(LAB_PANEL))
+    assert lab_panel_id(changed) != lab_panel_id(LAB_PANEL)
+    assert lab_panel_id(LAB_PANEL[::-1]) != lab_panel_id(LAB_PANEL)
