@@ -1,0 +1,51 @@
+"""Real DICOM material for the imaging adapter tests: pydicom-data radiographs and NIH images."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from fixtures.cxr_dicom import fixture_uid, png_to_dicom
+from fixtures.nih_labels import NihLabel, read_nih_labels
+
+NihDicom = Callable[[NihLabel, str, date], pydicom.Dataset]
+
+
+@pytest.fixture(scope="session")
+def dicom_dir(shared_data: Path) -> Path:
+    """``RG1_J2KI.dcm`` (CR chest, JPEG 2000, MONOCHROME1) and ``RG3_J2KI.dcm`` (extremity)."""
+    return shared_data / "dicom"
+
+
+@pytest.fixture(scope="session")
+def nih_dir(shared_data: Path) -> Path:
+    return shared_data / "cxr" / "nih1000"
+
+
+@pytest.fixture(scope="session")
+def nih_labels(nih_dir: Path) -> tuple[NihLabel, ...]:
+    return read_nih_labels(nih_dir / "labels.csv")
+
+
+@pytest.fixture(scope="session")
+def nih_dicom(nih_dir: Path) -> NihDicom:
+    """Makes the DX object of an NIH image for a patient, dated ``day``."""
+
+    def make(label: NihLabel, patient_id: str, day: date) -> pydicom.Dataset:
+        parts = (patient_id, label.image_index, day.isoformat())
+        return png_to_dicom(
+            nih_dir / label.image_index,
+            label=label,
+            patient_id=patient_id,
+            patient_name="Test^Patient",
+            study_uid=fixture_uid("test study", *parts),
+            series_uid=fixture_uid("test series", *parts),
+            sop_uid=fixture_uid("test instance", *parts),
+            study_date=day,
+        )
+
+    return make
