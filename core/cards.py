@@ -192,10 +192,11 @@ def _card_uuid(instance: str, kind: str) -> str:
 def _footer(brief: Brief) -> str:
     lines = []
     if brief.models:
-        models = "; ".join(f"{m.name}: {m.description}" for m in brief.models)
-        lines.append(f"Models: {_md(models)}")
+        lines.append("Models:")
+        lines.extend(f"- {_md(m.name)}: {_md(m.description)}" for m in brief.models)
+        lines.append("")
     lines.append(f"_{RESEARCH_USE_NOTE}_")
-    return "\n\n".join(lines)
+    return "\n".join(lines)
 
 
 def _case_row(i: int, hit: CaseHit) -> str:

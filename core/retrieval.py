@@ -49,9 +49,15 @@ class CaseSearchSettings:
 
 @dataclass(frozen=True, slots=True)
 class LiteratureSearchSettings:
-    """How literature is searched: ``k`` passages are returned."""
+    """How literature is searched.
+
+    Args:
+        k: how many passages to return, each from a different article.
+        candidates: how many passages to fetch before keeping the best one per article.
+    """
 
     k: int = 3
+    candidates: int = 30
 
 
 async def similar_cases(
@@ -170,11 +176,18 @@ async def search_literature(
     index: LiteratureIndex,
     settings: LiteratureSearchSettings = LiteratureSearchSettings(),
 ) -> tuple[PassageHit, ...]:
-    """Dense search of the literature index for ``query``.
+    """Dense search of the literature index for ``query``, one passage per article.
+
+    Sections of one abstract are often each other's nearest neighbours; keeping only the best
+    section of each article gives the clinician ``k`` sources rather than one source ``k`` times.
 
     Returns:
         Passages best first, each carrying the identifiers needed to cite it.
     """
     vector = (await embedder.embed_texts([query]))[0]
-    found = await index.nearest_passages(vector, k=settings.k)
-    return tuple(PassageHit(passage=passage, score=score) for passage, score in found)
+    found = await index.nearest_passages(vector, k=max(settings.k, settings.candidates))
+    best: dict[str, PassageHit] = {}
+    for passage, score in found:
+        if passage.pmid not in best:
+            best[passage.pmid] = PassageHit(passage=passage, score=score)
+    return tuple(best.values())[: settings.k]

@@ -24,6 +24,28 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder for the default models, laid out as the service expects them."""
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir(models_dir: Path) -> Path:
+    """all-MiniLM-L6-v2 (real weights) exported to ONNX by the project's exporter."""
+    from adapters.models.export.minilm import export_minilm
+
+    return export_minilm(models_dir / "minilm")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(models_dir: Path) -> Path:
+    """The tiny BiomedCLIP-architecture model, seed 0, exported to ONNX."""
+    from adapters.models.export.tiny import build_tiny_biomedclip
+
+    return build_tiny_biomedclip(models_dir / "tiny-biomedclip", seed=0)
+
+
+@pytest.fixture(scope="session")
 def anyio_backend() -> str:
     """Async tests (``@pytest.mark.anyio``) run on asyncio, as the service does."""
     return "asyncio"

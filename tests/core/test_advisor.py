@@ -92,6 +92,24 @@ async def test_passage_ingestion_resumes(world):
     assert await literature.passage_ids() == {p.passage_id for p in passages}
 
 
+class RecordingText(TextDouble):
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
+    async def embed_texts(self, texts):
+        self.batches.append(list(texts))
+        return await super().embed_texts(texts)
+
+
+async def test_passages_are_embedded_shortest_first(world):
+    model, literature = RecordingText(), world[5]
+    passages = [Passage(f"{i}:0", str(i), "word " * n) for i, n in enumerate([9, 1, 5, 3, 7])]
+    await ingest_passages(passages, text_model=model, index=literature, batch_size=2)
+    lengths = [[len(t.split()) for t in batch] for batch in model.batches]
+    assert lengths == [[1, 3], [5, 7], [9]]
+
+
 async def advisor_for(world):
     imaging, records, image_model, text_model, cases, literature = world
     await ingest_cases(

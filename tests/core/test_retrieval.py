@@ -3,7 +3,13 @@ import pytest
 
 from core.fusion import normalize
 from core.labs import LAB_PANEL
-from core.retrieval import CaseSearchSettings, literature_query, search_literature, similar_cases
+from core.retrieval import (
+    CaseSearchSettings,
+    LiteratureSearchSettings,
+    literature_query,
+    search_literature,
+    similar_cases,
+)
 from core.types import CaseHit, CaseRecord, IndexedCase, LabProfile, Passage
 from tests.core.doubles import MemoryCases, MemoryLiterature, TextDouble
 
@@ -134,3 +140,21 @@ async def test_search_literature_returns_attributed_passages():
     found = await search_literature("pleural effusion", embedder=model, index=index)
     assert found[0].passage.pmid == "1"
     assert found[0].score > found[1].score
+
+
+async def test_one_passage_per_article():
+    model, index = TextDouble(), MemoryLiterature()
+    passages = [
+        Passage("1:0", "1", "pleural effusion drainage"),
+        Passage("1:1", "1", "pleural effusion drainage outcomes"),
+        Passage("2:0", "2", "pleural effusion in heart failure"),
+        Passage("3:0", "3", "wrist fracture"),
+    ]
+    await index.upsert_passages(passages, model.vectors([p.text for p in passages]))
+    found = await search_literature(
+        "pleural effusion drainage",
+        embedder=model,
+        index=index,
+        settings=LiteratureSearchSettings(k=2),
+    )
+    assert [h.passage.passage_id for h in found] == ["1:0", "2:0"]

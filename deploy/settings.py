@@ -1,0 +1,63 @@
+"""Configuration, from ``MEDIRAG_*`` environment variables.
+
+Every setting has a default that runs the embedded deployment (a local data directory holding
+the models, an embedded PostgreSQL, a folder of DICOM files); pointing the DSN, the DICOMweb URL
+and the trusted clients at real systems turns it into a hospital deployment. The README's
+configuration table lists them all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    """All settings; see the README's configuration table for each one's meaning."""
+
+    model_config = SettingsConfigDict(env_prefix="MEDIRAG_", extra="ignore")
+
+    env: Literal["development", "production"] = "development"
+    data_dir: Path = Path(".medirag")
+    shared_data: Path = Path("../shared/data")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    public_base_url: str = "http://127.0.0.1:8080"
+    clients: Path | None = None
+    dsn: str | None = None
+    models_dir: Path | None = None
+    image_model: str = "tiny-biomedclip"
+    text_model: str = "minilm"
+    onnx_providers: str = "auto"
+    dicomweb_url: str | None = None
+    dicom_dir: Path | None = None
+    fhir_bundles: Path | None = None
+    fhir_timeout_s: float = Field(default=4.0, gt=0)
+    allow_loopback_http: bool = False
+    fusion_image_weight: float = Field(default=0.5, ge=0)
+    fusion_findings_weight: float = Field(default=0.5, ge=0)
+    cases_k: int = Field(default=5, ge=1, le=50)
+    passages_k: int = Field(default=3, ge=1, le=20)
+    rrf_k: int = Field(default=60, ge=1)
+    min_labs: int = Field(default=3, ge=1)
+    log_format: Literal["json", "text"] = "json"
+
+    @property
+    def models_path(self) -> Path:
+        """Where exported models live (``models_dir``, else ``data_dir/models``)."""
+        return self.models_dir or self.data_dir / "models"
+
+    @property
+    def dicom_path(self) -> Path:
+        """The DICOM folder of the embedded imaging archive."""
+        return self.dicom_dir or self.data_dir / "fixtures" / "dicom"
+
+    @property
+    def postgres_path(self) -> Path:
+        """The data directory of the embedded PostgreSQL."""
+        return self.data_dir / "postgres"

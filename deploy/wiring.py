@@ -1,0 +1,222 @@
+"""Wiring: settings in, a running service's parts out.
+
+The only place that knows which adapter implements which port. :func:`open_components` opens
+the models, the index, the imaging archive and the optional bundle folder named by the settings;
+:func:`build_runtime` turns them into the :class:`cds_hooks.app.Runtime` the HTTP layer serves.
+The demo uses the same two functions, so it runs exactly what ``medirag serve`` runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from dicomweb_client import DICOMwebClient
+from fastapi import FastAPI
+
+from adapters.fhir.bundle_folder import BundleFolderRecords
+from adapters.fhir.client import FhirClient
+from adapters.fhir.prefetch import PrefetchRecords
+from adapters.imaging.archive import DicomArchive
+from adapters.models.clip import OnnxClipEmbedder
+from adapters.models.manifest import ManifestError
+from adapters.models.text import OnnxTextEmbedder
+from adapters.store.embedded import EmbeddedPostgres
+from adapters.store.pgvector_store import PgVectorStore
+from cds_hooks.app import RecordsFactory, Runtime, create_app
+from cds_hooks.auth import Authenticator, load_trusted_clients
+from core.advisor import Advisor, AdvisorSettings
+from core.ingestion import FusionWeights
+from core.ports import ClinicalRecords
+from core.retrieval import CaseSearchSettings, LiteratureSearchSettings
+from deploy.settings import Settings
+
+__all__ = ["Components", "ConfigurationError", "app_for", "build_runtime", "open_components"]
+
+log = logging.getLogger(__name__)
+
+
+class ConfigurationError(Exception):
+    """The settings cannot give a working service; the message says what to change."""
+
+
+@dataclass(frozen=True, slots=True)
+class Components:
+    """The opened adapters of one deployment.
+
+    Args:
+        image_model: the image/text model the cases are indexed with.
+        text_model: the text model the literature is indexed with.
+        store: the case and literature index.
+        imaging: the PACS, or the folder of DICOM files.
+        bundles: the folder of FHIR bundles, when configured.
+        http: the HTTP client shared by FHIR calls and JWK Set fetches.
+        fusion: the late fusion weights of indexed cases.
+    """
+
+    image_model: OnnxClipEmbedder
+    text_model: OnnxTextEmbedder
+    store: PgVectorStore
+    imaging: DicomArchive
+    bundles: BundleFolderRecords | None
+    http: httpx.AsyncClient
+    fusion: FusionWeights
+
+
+def _load_models(settings: Settings) -> tuple[OnnxClipEmbedder, OnnxTextEmbedder]:
+    image_dir = settings.models_path / settings.image_model
+    text_dir = settings.models_path / settings.text_model
+    try:
+        return (
+            OnnxClipEmbedder(image_dir, providers=settings.onnx_providers),
+            OnnxTextEmbedder(text_dir, providers=settings.onnx_providers),
+        )
+    except ManifestError as error:
+        raise ConfigurationError(
+            f"{error}. `medirag demo` builds the default models into {settings.models_path}."
+        ) from error
+
+
+def _open_imaging(settings: Settings) -> DicomArchive:
+    if settings.dicomweb_url:
+        url = settings.dicomweb_url
+
+        def web_client() -> DICOMwebClient:
+            client = DICOMwebClient(url)
+            # Its default (5 retries with backoff) would hold a hook call for ~30 s; the
+            # archive reports the failure and the hook answers without images instead.
+            client.set_http_retry_params(retry=False)
+            return client
+
+        return DicomArchive.connect(web_client)
+    try:
+        return DicomArchive.from_folder(settings.dicom_path)
+    except NotADirectoryError as error:
+        raise ConfigurationError(
+            f"{error}: set MEDIRAG_DICOMWEB_URL or MEDIRAG_DICOM_DIR (`medirag demo` builds the "
+            "fixture folder)"
+        ) from error
+
+
+@asynccontextmanager
+async def open_components(settings: Settings) -> AsyncIterator[Components]:
+    """Open every adapter the settings name, and close them all on exit.
+
+    Raises:
+        ConfigurationError: a model, folder or database named by the settings is unusable.
+    """
+    image_model, text_model = _load_models(settings)
+    async with AsyncExitStack() as stack:
+        dsn = settings.dsn
+        if not dsn:
+            embedded = stack.enter_context(EmbeddedPostgres(settings.postgres_path))
+            dsn = embedded.dsn
+        store = await PgVectorStore.open(
+            dsn,
+            image_model=image_model.model_id,
+            image_dim=image_model.dimension,
+            text_model=text_model.model_id,
+            text_dim=text_model.dimension,
+        )
+        stack.push_async_callback(store.close)
+        imaging = _open_imaging(settings)
+        stack.callback(imaging.close)
+        bundles = BundleFolderRecords(settings.fhir_bundles) if settings.fhir_bundles else None
+        http = await stack.enter_async_context(httpx.AsyncClient(timeout=settings.fhir_timeout_s))
+        yield Components(
+            image_model=image_model,
+            text_model=text_model,
+            store=store,
+            imaging=imaging,
+            bundles=bundles,
+            http=http,
+            fusion=FusionWeights(settings.fusion_image_weight, settings.fusion_findings_weight),
+        )
+
+
+def _records_factory(components: Components, settings: Settings) -> RecordsFactory:
+    @asynccontextmanager
+    async def records(
+        *,
+        prefetch: Mapping[str, Any] | None,
+        labs_key: str,
+        fhir_server: str | None,
+        access_token: str | None,
+    ) -> AsyncIterator[ClinicalRecords]:
+        fallback: ClinicalRecords | None = components.bundles
+        if fhir_server:
+            fallback = FhirClient(
+                fhir_server,
+                bearer_token=access_token,
+                timeout=settings.fhir_timeout_s,
+                http=components.http,
+            )
+        yield PrefetchRecords(prefetch, labs_key=labs_key, fallback=fallback)
+
+    return records
+
+
+def build_runtime(
+    components: Components, settings: Settings, *, insecure_dev: bool = False
+) -> Runtime:
+    """The HTTP layer's runtime over opened components.
+
+    Args:
+        components: from :func:`open_components`.
+        settings: the deployment's settings.
+        insecure_dev: serve without authentication (local demos only).
+
+    Raises:
+        ConfigurationError: no usable trusted clients and not insecure; a development-only
+            setting in production.
+    """
+    if settings.env == "production" and (insecure_dev or settings.allow_loopback_http):
+        raise ConfigurationError(
+            "insecure development mode and MEDIRAG_ALLOW_LOOPBACK_HTTP are refused when "
+            "MEDIRAG_ENV=production"
+        )
+    authenticator = None
+    if not insecure_dev:
+        if settings.clients is None:
+            raise ConfigurationError(
+                "MEDIRAG_CLIENTS is not set: name a JSON file of trusted clients (see README)"
+            )
+        try:
+            clients = load_trusted_clients(settings.clients)
+        except ValueError as error:
+            raise ConfigurationError(str(error)) from error
+        authenticator = Authenticator(clients, http=components.http)
+    advisor = Advisor(
+        imaging=components.imaging,
+        image_model=components.image_model,
+        text_model=components.text_model,
+        cases=components.store,
+        literature=components.store,
+        settings=AdvisorSettings(
+            cases=CaseSearchSettings(
+                k=settings.cases_k, rrf_k=settings.rrf_k, min_labs=settings.min_labs
+            ),
+            literature=LiteratureSearchSettings(k=settings.passages_k),
+        ),
+    )
+    return Runtime(
+        advisor=advisor,
+        records=_records_factory(components, settings),
+        authenticator=authenticator,
+        public_base_url=settings.public_base_url,
+        allow_loopback_http=settings.allow_loopback_http,
+    )
+
+
+def app_for(runtime: Runtime) -> FastAPI:
+    """The FastAPI app serving an already-open runtime (its owner closes it)."""
+
+    @asynccontextmanager
+    async def opened() -> AsyncIterator[Runtime]:
+        yield runtime
+
+    return create_app(opened)
