@@ -21,7 +21,13 @@ from deploy.default_models import ExportUnavailable
 from deploy.demo import missing_shared_data, print_result, run_demo
 from deploy.logs import configure_logging
 from deploy.settings import Settings
-from deploy.wiring import ConfigurationError, app_for, build_runtime, open_components
+from deploy.wiring import (
+    ConfigurationError,
+    app_for,
+    build_runtime,
+    open_components,
+    trusted_clients,
+)
 
 __all__ = ["app"]
 
@@ -57,9 +63,10 @@ def serve(
     configure_logging(settings.log_format)
 
     async def run() -> None:
+        clients = trusted_clients(settings, insecure_dev=insecure_dev)
         async with open_components(settings) as components:
-            runtime = build_runtime(components, settings, insecure_dev=insecure_dev)
-            if insecure_dev:
+            runtime = build_runtime(components, settings, clients)
+            if clients is None:
                 logging.getLogger(__name__).warning("serving WITHOUT authentication")
             config = uvicorn.Config(
                 app_for(runtime), host=settings.host, port=settings.port, log_config=None

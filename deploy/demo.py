@@ -37,7 +37,7 @@ from core.labs import lab_profile
 from deploy.default_models import ensure_default_models
 from deploy.ehr_simulator import DemoEhr, patient_view_call
 from deploy.settings import Settings
-from deploy.wiring import Components, app_for, build_runtime, open_components
+from deploy.wiring import Components, app_for, build_runtime, open_components, trusted_clients
 from fixtures.synthetic_cases import SyntheticCase, synthetic_cases
 
 __all__ = ["DemoResult", "missing_shared_data", "print_result", "run_demo"]
@@ -204,7 +204,7 @@ async def run_demo(
         for case_id, reason in case_report.skipped:
             say(f"case {case_id} skipped: {reason}")
         patient_id = patient or await _choose_patient(cases, components.bundles, settings.min_labs)
-        runtime = build_runtime(components, settings)
+        runtime = build_runtime(components, settings, trusted_clients(settings))
         async with _serving(runtime, port):
             url = f"{base}/cds-services/{PATIENT_VIEW.id}"
             body = patient_view_call(

@@ -39,5 +39,7 @@ def configure_logging(fmt: Literal["json", "text"] = "json", level: int = loggin
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # uvicorn's access log would print each request's path and client address as text.
+    # uvicorn's access log would print each request's path and client address as text; the
+    # service logs each request itself. pgserver narrates every pg_ctl call at INFO.
     logging.getLogger("uvicorn.access").disabled = True
+    logging.getLogger("pgserver").setLevel(max(level, logging.WARNING))

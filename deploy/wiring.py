@@ -28,14 +28,21 @@ from adapters.models.text import OnnxTextEmbedder
 from adapters.store.embedded import EmbeddedPostgres
 from adapters.store.pgvector_store import PgVectorStore
 from cds_hooks.app import RecordsFactory, Runtime, create_app
-from cds_hooks.auth import Authenticator, load_trusted_clients
+from cds_hooks.auth import Authenticator, TrustedClient, load_trusted_clients
 from core.advisor import Advisor, AdvisorSettings
 from core.ingestion import FusionWeights
 from core.ports import ClinicalRecords
 from core.retrieval import CaseSearchSettings, LiteratureSearchSettings
 from deploy.settings import Settings
 
-__all__ = ["Components", "ConfigurationError", "app_for", "build_runtime", "open_components"]
+__all__ = [
+    "Components",
+    "ConfigurationError",
+    "app_for",
+    "build_runtime",
+    "open_components",
+    "trusted_clients",
+]
 
 log = logging.getLogger(__name__)
 
@@ -160,15 +167,12 @@ def _records_factory(components: Components, settings: Settings) -> RecordsFacto
     return records
 
 
-def build_runtime(
-    components: Components, settings: Settings, *, insecure_dev: bool = False
-) -> Runtime:
-    """The HTTP layer's runtime over opened components.
+def trusted_clients(
+    settings: Settings, *, insecure_dev: bool = False
+) -> dict[str, TrustedClient] | None:
+    """The clients whose JWTs the service accepts; ``None`` in insecure development mode.
 
-    Args:
-        components: from :func:`open_components`.
-        settings: the deployment's settings.
-        insecure_dev: serve without authentication (local demos only).
+    Checked before anything is started, so a misconfigured service fails at once.
 
     Raises:
         ConfigurationError: no usable trusted clients and not insecure; a development-only
@@ -179,17 +183,31 @@ def build_runtime(
             "insecure development mode and MEDIRAG_ALLOW_LOOPBACK_HTTP are refused when "
             "MEDIRAG_ENV=production"
         )
-    authenticator = None
-    if not insecure_dev:
-        if settings.clients is None:
-            raise ConfigurationError(
-                "MEDIRAG_CLIENTS is not set: name a JSON file of trusted clients (see README)"
-            )
-        try:
-            clients = load_trusted_clients(settings.clients)
-        except ValueError as error:
-            raise ConfigurationError(str(error)) from error
-        authenticator = Authenticator(clients, http=components.http)
+    if insecure_dev:
+        return None
+    if settings.clients is None:
+        raise ConfigurationError(
+            "MEDIRAG_CLIENTS is not set: name a JSON file of trusted clients (see README)"
+        )
+    try:
+        return load_trusted_clients(settings.clients)
+    except ValueError as error:
+        raise ConfigurationError(str(error)) from error
+
+
+def build_runtime(
+    components: Components,
+    settings: Settings,
+    clients: Mapping[str, TrustedClient] | None,
+) -> Runtime:
+    """The HTTP layer's runtime over opened components.
+
+    Args:
+        components: from :func:`open_components`.
+        settings: the deployment's settings.
+        clients: from :func:`trusted_clients`; ``None`` serves without authentication.
+    """
+    authenticator = None if clients is None else Authenticator(clients, http=components.http)
     advisor = Advisor(
         imaging=components.imaging,
         image_model=components.image_model,

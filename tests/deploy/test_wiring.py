@@ -11,7 +11,13 @@ import pytest
 from cds_hooks.auth import Authenticator
 from deploy.ehr_simulator import DemoEhr
 from deploy.settings import Settings
-from deploy.wiring import Components, ConfigurationError, build_runtime, open_components
+from deploy.wiring import (
+    Components,
+    ConfigurationError,
+    build_runtime,
+    open_components,
+    trusted_clients,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -39,32 +45,37 @@ async def test_open_components_uses_the_configured_models(components):
     assert opened.bundles is not None
 
 
-async def test_serving_needs_trusted_clients(components):
-    settings, opened = components
+def test_serving_needs_trusted_clients(tmp_path):
     with pytest.raises(ConfigurationError, match="MEDIRAG_CLIENTS is not set"):
-        build_runtime(opened, settings)
-    bad = settings.data_dir / "clients.json"
+        trusted_clients(Settings())
+    bad = tmp_path / "clients.json"
     bad.write_text(json.dumps([{"iss": "x", "jwks_url": "https://x", "algorithms": ["HS256"]}]))
     with pytest.raises(ConfigurationError, match="not allowed"):
-        build_runtime(opened, settings.model_copy(update={"clients": bad}))
+        trusted_clients(Settings(clients=bad))
+    ehr = DemoEhr.load_or_create(tmp_path / "ehr")
+    assert set(trusted_clients(Settings(clients=ehr.clients_file))) == {ehr.issuer}
 
 
-async def test_development_settings_are_refused_in_production(components):
-    settings, opened = components
-    production = settings.model_copy(update={"env": "production"})
+def test_development_settings_are_refused_in_production(tmp_path):
+    ehr = DemoEhr.load_or_create(tmp_path / "ehr")
+    production = Settings(env="production", clients=ehr.clients_file)
+    assert trusted_clients(production)
     with pytest.raises(ConfigurationError, match="refused when MEDIRAG_ENV=production"):
-        build_runtime(opened, production, insecure_dev=True)
-    ehr = DemoEhr.load_or_create(settings.data_dir / "ehr")
-    loopback = production.model_copy(
-        update={"allow_loopback_http": True, "clients": ehr.clients_file}
-    )
+        trusted_clients(production, insecure_dev=True)
+    loopback = production.model_copy(update={"allow_loopback_http": True})
     with pytest.raises(ConfigurationError, match="MEDIRAG_ALLOW_LOOPBACK_HTTP"):
-        build_runtime(opened, loopback)
+        trusted_clients(loopback)
 
 
-async def test_insecure_development_mode_has_no_authenticator(components):
+async def test_runtime_authenticates_unless_insecure(components, tmp_path):
     settings, opened = components
-    assert build_runtime(opened, settings, insecure_dev=True).authenticator is None
+    assert trusted_clients(settings, insecure_dev=True) is None
+    assert build_runtime(opened, settings, None).authenticator is None
+    ehr = DemoEhr.load_or_create(tmp_path / "ehr")
+    clients = trusted_clients(settings.model_copy(update={"clients": ehr.clients_file}))
+    runtime = build_runtime(opened, settings, clients)
+    assert isinstance(runtime.authenticator, Authenticator)
+    assert runtime.public_base_url == settings.public_base_url
 
 
 async def test_missing_models_say_how_to_get_them(tmp_path):
