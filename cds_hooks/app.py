@@ -2,14 +2,15 @@
 
 Routes:
 
-* ``GET /cds-services``: discovery.
-* ``POST /cds-services/{id}``: a service call; answers cards.
+* ``GET /cds-services``: discovery, with an ``ETag`` and private caching.
+* ``POST /cds-services/{id}``: a service call; answers cards (:mod:`cds_hooks.calls`).
 
-Every route requires a verified JWT (:mod:`cds_hooks.auth`) unless the deployment runs in
-insecure development mode, which logs a warning on every request. Errors are FHIR
-OperationOutcomes with a status the EHR can act on: 400 for a malformed call, 401 (bare) for a
-bad token, 404 for an unknown service, 412 when the patient's record cannot be obtained. A bug
-answers 500 with a request reference, never a stack trace.
+Every route requires a verified JWT (:mod:`cds_hooks.auth`) whose ``aud`` is the URL called,
+unless the deployment runs in insecure development mode, which logs a warning on every request.
+Errors are FHIR OperationOutcomes with a status the EHR can act on: 400 malformed, 401 (bare)
+bad token, 404 unknown service, 409 reused hook instance, 412 required data unobtainable, 413
+body too large, 503 deadline overrun. A bug answers 500 with a reference to the log line, never
+a stack trace. CORS is off unless origins are configured, for browser-based EHRs.
 
 The app is built by :func:`create_app` around a :class:`Runtime`, which the deployment
 (``deploy/``) assembles from adapters; tests assemble their own.
@@ -17,49 +18,32 @@ The app is built by :func:`create_app` around a :class:`Runtime`, which the depl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
 import traceback
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, Protocol
+from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 
 from cds_hooks.auth import AuthenticationError, Authenticator, VerifiedClient
+from cds_hooks.calls import Caller, CallRejected, answer_call
 from cds_hooks.outcomes import operation_outcome
-from cds_hooks.requests import HookRequest, PatientViewContext, fhir_server_allowed
-from cds_hooks.services import LABS_PREFETCH_KEY, PATIENT_VIEW, ServiceDefinition
-from core.advisor import Advisor
-from core.cards import CdsResponse, brief_cards
-from core.errors import SourceUnavailable
-from core.ports import ClinicalRecords
+from cds_hooks.services import PATIENT_VIEW, ServiceDefinition
 
-__all__ = ["RecordsFactory", "Runtime", "create_app"]
+__all__ = ["Runtime", "create_app"]
 
 log = logging.getLogger(__name__)
 
-
-class RecordsFactory(Protocol):
-    """Gives the clinical record for one call: its prefetch, else the EHR's FHIR server.
-
-    ``prefetch`` is the call's prefetch object (``None`` when absent), ``fhir_server`` and
-    ``access_token`` come from the call. The record is used inside the context and released after.
-    """
-
-    def __call__(
-        self,
-        *,
-        prefetch: Mapping[str, Any] | None,
-        labs_key: str,
-        fhir_server: str | None,
-        access_token: str | None,
-    ) -> AbstractAsyncContextManager[ClinicalRecords]: ...
+INSECURE_CLIENT = "insecure-dev"
+"""The client name of calls in insecure development mode (hook instances are scoped by client)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,24 +51,24 @@ class Runtime:
     """What the HTTP layer needs, assembled by the deployment.
 
     Args:
-        advisor: builds briefs.
-        records: gives each call its clinical record.
+        caller: what answering a call needs (advisor, FHIR access, limits, cache, ledger).
         authenticator: verifies JWTs; ``None`` only in insecure development mode.
         public_base_url: the base URL EHRs call (``https://cds.example.org``); JWT audiences are
             this plus the endpoint path.
         services: the services offered.
-        allow_loopback_http: accept ``http://`` FHIR servers on loopback (development only).
     """
 
-    advisor: Advisor
-    records: RecordsFactory
+    caller: Caller
     authenticator: Authenticator | None
     public_base_url: str
     services: tuple[ServiceDefinition, ...] = (PATIENT_VIEW,)
-    allow_loopback_http: bool = False
 
 
 class _Unauthorized(Exception):
+    pass
+
+
+class _TooLarge(Exception):
     pass
 
 
@@ -96,18 +80,35 @@ def _runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(_runtime)]
 
 
-async def _authenticate(request: Request, runtime: Runtime, path: str) -> VerifiedClient | None:
+async def _authenticate(request: Request, runtime: Runtime, path: str) -> str:
+    """The caller's issuer; raises :class:`_Unauthorized` (a bare 401) on any failure."""
     if runtime.authenticator is None:
         log.warning("insecure development mode: request not authenticated", extra={"path": path})
-        return None
+        return INSECURE_CLIENT
     audience = runtime.public_base_url.rstrip("/") + path
     try:
-        return await runtime.authenticator.authenticate(
+        verified: VerifiedClient = await runtime.authenticator.authenticate(
             request.headers.get("authorization"), audience
         )
     except AuthenticationError as error:
         log.warning("authentication failed", extra={"path": path, "reason": error.reason})
         raise _Unauthorized from error
+    return verified.iss
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The request body, refused past ``limit`` bytes without reading the rest."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _TooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _where(error: BaseException) -> str:
@@ -117,23 +118,19 @@ def _where(error: BaseException) -> str:
     return f"{type(error).__name__}{place}"
 
 
-def _validation_message(error: ValidationError) -> str:
-    # Only locations and rule messages: pydantic's "input" would echo request data.
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in error.errors()
-    )
-
-
 def create_app(
     runtime: Callable[[], AbstractAsyncContextManager[Runtime]],
+    *,
+    cors_origins: Sequence[str] = (),
 ) -> FastAPI:
     """Build the FastAPI app.
 
     Args:
         runtime: opens the runtime at start-up and closes it at shutdown.
+        cors_origins: origins of browser-based EHRs allowed to call the service; none by default.
 
     Examples:
-        >>> # app = create_app(lambda: open_runtime(settings))
+        >>> # app = create_app(lambda: open_runtime(settings), cors_origins=["https://ehr.example"])
         >>> # uvicorn.run(app)
     """
 
@@ -149,6 +146,7 @@ def create_app(
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
+        openapi_url=None,
     )
 
     @app.middleware("http")
@@ -175,66 +173,46 @@ def create_app(
         )
         return response
 
+    if cors_origins:
+        # Outermost, so that preflight requests are answered before authentication.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+            max_age=600,
+        )
+
     @app.exception_handler(_Unauthorized)
     async def unauthorized(request: Request, error: _Unauthorized) -> Response:
         return Response(status_code=401, headers={"WWW-Authenticate": "Bearer"})
 
+    @app.exception_handler(_TooLarge)
+    async def too_large(request: Request, error: _TooLarge) -> Response:
+        return operation_outcome(413, "too-costly", "request body too large")
+
     @app.get("/cds-services")
-    async def discovery(request: Request, runtime: RuntimeDep) -> JSONResponse:
+    async def discovery(request: Request, runtime: RuntimeDep) -> Response:
         await _authenticate(request, runtime, "/cds-services")
-        return JSONResponse({"services": [s.discovery_entry() for s in runtime.services]})
+        body = json.dumps({"services": [s.discovery_entry() for s in runtime.services]})
+        etag = '"' + hashlib.sha256(body.encode()).hexdigest()[:32] + '"'
+        # Behind authentication, so private; EHRs may reuse it briefly and revalidate by ETag.
+        headers = {"ETag": etag, "Cache-Control": "private, max-age=300"}
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers=headers)
+        return Response(body, media_type="application/json", headers=headers)
 
     @app.post("/cds-services/{service_id}")
     async def call_service(service_id: str, request: Request, runtime: RuntimeDep) -> Response:
+        client = await _authenticate(request, runtime, f"/cds-services/{service_id}")
         service = next((s for s in runtime.services if s.id == service_id), None)
-        await _authenticate(request, runtime, f"/cds-services/{service_id}")
         if service is None:
             return operation_outcome(404, "not-found", f"no CDS service {service_id!r}")
+        body = await _body(request, runtime.caller.policy.max_body_bytes)
         try:
-            call = HookRequest.model_validate(json.loads(await request.body()))
-        except json.JSONDecodeError as error:
-            return operation_outcome(400, "invalid", f"body is not JSON: {error.msg}")
-        except ValidationError as error:
-            return operation_outcome(400, "invalid", _validation_message(error))
-        if call.hook != service.hook:
-            return operation_outcome(
-                400, "invalid", f"service {service.id} answers {service.hook!r}, not {call.hook!r}"
-            )
-        try:
-            context = PatientViewContext.model_validate(call.context)
-        except ValidationError as error:
-            return operation_outcome(400, "invalid", "context." + _validation_message(error))
-        if call.fhirServer and not fhir_server_allowed(
-            call.fhirServer, allow_loopback_http=runtime.allow_loopback_http
-        ):
-            return operation_outcome(400, "invalid", "fhirServer must be an https URL")
-
-        token = (
-            call.fhirAuthorization.access_token.get_secret_value()
-            if call.fhirAuthorization
-            else None
-        )
-        try:
-            async with runtime.records(
-                prefetch=call.prefetch,
-                labs_key=LABS_PREFETCH_KEY,
-                fhir_server=call.fhirServer,
-                access_token=token,
-            ) as records:
-                brief = await runtime.advisor.brief(context.patientId, records)
-        except SourceUnavailable as error:
-            log.warning("precondition failed", extra={"service": service.id, "reason": str(error)})
-            return operation_outcome(412, "processing", str(error))
-        answer = CdsResponse(cards=brief_cards(brief, instance=str(call.hookInstance)))
-        log.info(
-            "hook answered",
-            extra={
-                "service": service.id,
-                "hook_instance": str(call.hookInstance),
-                "cards": len(answer.cards),
-                "omissions": len(brief.omissions),
-            },
-        )
-        return JSONResponse(answer.to_json())
+            answer = await answer_call(service, body, runtime.caller, client=client)
+        except CallRejected as rejected:
+            return operation_outcome(rejected.status, rejected.code, rejected.diagnostics)
+        return JSONResponse(answer.body, status_code=answer.status)
 
     return app

@@ -10,11 +10,12 @@ from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
 
-__all__ = ["operation_outcome"]
+__all__ = ["IssueCode", "operation_outcome"]
 
 IssueCode = Literal[
-    "invalid", "not-found", "processing", "exception", "not-supported", "too-costly"
+    "invalid", "not-found", "processing", "exception", "too-costly", "conflict", "timeout"
 ]
+"""The FHIR IssueType codes the service answers with."""
 
 
 def operation_outcome(status: int, code: IssueCode, diagnostics: str) -> JSONResponse:

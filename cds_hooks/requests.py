@@ -2,20 +2,37 @@
 
 Validation is strict where the spec is: ``hook`` and ``hookInstance`` (a UUID) are required,
 ``fhirServer`` is required when ``fhirAuthorization`` is given and must be https unless the
-deployment allows plain http on loopback for development, and ``context`` must hold what the hook
-defines. The access token is kept as a secret so that it can never reach a log by accident.
+deployment allows plain http on loopback for development, ``context`` must hold what the hook
+defines (:data:`HOOK_CONTEXTS`), and ``extension`` must be a JSON object. The access token is
+kept as a secret so that it can never reach a log by accident. Bodies nested deeper than a limit
+are refused before validation (:func:`parse_json`).
 """
 
 from __future__ import annotations
 
 import ipaddress
-from typing import Any, Literal
+import json
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, model_validator
 
-__all__ = ["FhirAuthorization", "HookRequest", "PatientViewContext", "fhir_server_allowed"]
+__all__ = [
+    "HOOK_CONTEXTS",
+    "TOKEN_FIELDS",
+    "FhirAuthorization",
+    "HookRequest",
+    "OrderSelectContext",
+    "OrderSignContext",
+    "PatientViewContext",
+    "fhir_server_allowed",
+    "parse_json",
+]
+
+_FHIR_ID = r"[A-Za-z0-9\-.]{1,64}"
+_USER = rf"^(Practitioner|PractitionerRole|Patient|RelatedPerson)/{_FHIR_ID}$"
+_REFERENCE = rf"^[A-Z][A-Za-z]+/{_FHIR_ID}$"
 
 
 class FhirAuthorization(BaseModel):
@@ -31,14 +48,48 @@ class FhirAuthorization(BaseModel):
     patient: str | None = None
 
 
-class PatientViewContext(BaseModel):
-    """``patient-view`` context: the user, the patient whose chart is open, the encounter."""
+class _Context(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    userId: str = Field(pattern=_USER)
+    patientId: str = Field(pattern=rf"^{_FHIR_ID}$")
+    encounterId: str | None = Field(default=None, pattern=rf"^{_FHIR_ID}$")
+
+
+class PatientViewContext(_Context):
+    """``patient-view``: the user, the patient whose chart is open, the encounter."""
+
+
+class _DraftOrders(BaseModel):
+    """Enough of a FHIR Bundle to know it is one; its entries are parsed by the FHIR adapter."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    userId: str = Field(min_length=1)
-    patientId: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9\-.]+$")
-    encounterId: str | None = None
+    resourceType: Literal["Bundle"]
+    entry: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class OrderSignContext(_Context):
+    """``order-sign``: the draft orders about to be signed."""
+
+    draftOrders: _DraftOrders
+
+
+class OrderSelectContext(OrderSignContext):
+    """``order-select``: the draft orders, and which of them the user just selected."""
+
+    selections: list[Annotated[str, StringConstraints(pattern=_REFERENCE)]] = Field(min_length=1)
+
+
+HOOK_CONTEXTS: dict[str, type[_Context]] = {
+    "patient-view": PatientViewContext,
+    "order-select": OrderSelectContext,
+    "order-sign": OrderSignContext,
+}
+"""The context model of each hook the service answers."""
+
+TOKEN_FIELDS = frozenset({"userId", "patientId", "encounterId"})
+"""The root-level primitive context fields of these hooks, usable as prefetch tokens."""
 
 
 class HookRequest(BaseModel):
@@ -52,12 +103,47 @@ class HookRequest(BaseModel):
     fhirAuthorization: FhirAuthorization | None = None
     context: dict[str, Any]
     prefetch: dict[str, Any] | None = None
+    extension: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _server_with_authorization(self) -> HookRequest:
         if self.fhirAuthorization is not None and not self.fhirServer:
             raise ValueError("fhirServer is required when fhirAuthorization is given")
         return self
+
+
+def _depth(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests at most ``limit`` containers deep (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return False
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return True
+
+
+def parse_json(body: bytes, *, max_depth: int) -> Any:
+    """Parse a request body, refusing nesting deeper than ``max_depth``.
+
+    Raises:
+        ValueError: not JSON, or nested too deep (the message says which, without the body).
+
+    Examples:
+        >>> parse_json(b'{"a": [1]}', max_depth=2)
+        {'a': [1]}
+    """
+    try:
+        value = json.loads(body)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"body is not JSON: {error.msg} at position {error.pos}") from None
+    except RecursionError:
+        raise ValueError(f"body nests deeper than {max_depth} levels") from None
+    if not _depth(value, max_depth):
+        raise ValueError(f"body nests deeper than {max_depth} levels")
+    return value
 
 
 def fhir_server_allowed(url: str, *, allow_loopback_http: bool) -> bool:

@@ -1,18 +1,52 @@
-"""The CDS services this deployment offers, as announced by discovery.
+"""The CDS services this deployment offers, as announced by discovery, and how each answers.
 
-A service is a hook, an id, words for the EHR's administrators, and prefetch templates. The
-templates use only the spec's recommended query subset (instance reads, type searches on the
-patient, token equality, ``_count``, ``_sort``) so that any conformant EHR can fill them.
+A service is a hook, an id, words for the EHR's administrators, prefetch templates (checked
+against the spec when the service is defined, see :mod:`cds_hooks.prefetch`), and the handler
+that turns a validated call into a brief. The templates use only the spec's recommended query
+subset, so that any conformant EHR can fill them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["LABS_PREFETCH_KEY", "PATIENT_VIEW", "ServiceDefinition"]
+from cds_hooks.prefetch import PrefetchTemplate
+from cds_hooks.requests import TOKEN_FIELDS, PatientViewContext
+from core.advisor import Advisor
+from core.ports import ClinicalRecords
+from core.types import Brief
+
+__all__ = [
+    "LABS_PREFETCH_KEY",
+    "PATIENT_VIEW",
+    "HookHandler",
+    "ServiceDefinition",
+    "prefetch_templates",
+]
 
 LABS_PREFETCH_KEY = "labs"
+"""The prefetch key whose content is the patient's laboratory results, in every service."""
+
+
+class HookHandler(Protocol):
+    """Answers one validated call: a brief, or ``None`` when the service has nothing to say
+    (the call gets an empty list of cards)."""
+
+    async def __call__(
+        self, advisor: Advisor, context: Any, records: ClinicalRecords, *, deadline: float
+    ) -> Brief | None: ...
+
+
+def prefetch_templates(
+    templates: Mapping[str, tuple[str, bool]],
+) -> dict[str, tuple[PrefetchTemplate, bool]]:
+    """Check and compile ``key -> (template, required)``; raises ``ValueError`` on a bad one."""
+    return {
+        key: (PrefetchTemplate(template, TOKEN_FIELDS), required)
+        for key, (template, required) in templates.items()
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +58,9 @@ class ServiceDefinition:
         hook: the hook it answers.
         title: a short name.
         description: what it does, for the EHR's administrators.
-        prefetch: prefetch templates by key.
+        handler: turns a validated call into a brief.
+        prefetch: ``key -> (template, required)``; a required key that cannot be obtained
+            fails the call with 412.
         usage_requirements: what the EHR must arrange before using it.
     """
 
@@ -32,7 +68,8 @@ class ServiceDefinition:
     hook: str
     title: str
     description: str
-    prefetch: dict[str, str] = field(default_factory=dict)
+    handler: HookHandler
+    prefetch: Mapping[str, tuple[PrefetchTemplate, bool]] = field(default_factory=dict)
     usage_requirements: str | None = None
 
     def discovery_entry(self) -> dict[str, Any]:
@@ -44,10 +81,32 @@ class ServiceDefinition:
             "description": self.description,
         }
         if self.prefetch:
-            entry["prefetch"] = dict(self.prefetch)
+            entry["prefetch"] = {key: t.template for key, (t, _) in self.prefetch.items()}
         if self.usage_requirements:
             entry["usageRequirements"] = self.usage_requirements
         return entry
+
+
+PATIENT_PREFETCH = {
+    "patient": ("Patient/{{context.patientId}}", False),
+    LABS_PREFETCH_KEY: (
+        "Observation?patient={{context.patientId}}&category=laboratory&_sort=-date&_count=200",
+        True,
+    ),
+}
+"""The Patient read and the laboratory search every service asks for."""
+
+_USAGE = (
+    "Send a JWT signed by a client registered with the service (ES384 or RS384). Prefetch the "
+    "keys announced here, or send fhirServer and fhirAuthorization with read access to "
+    "Observation. Chest X-ray studies are read from the PACS configured for the deployment."
+)
+
+
+async def _patient_view(
+    advisor: Advisor, context: PatientViewContext, records: ClinicalRecords, *, deadline: float
+) -> Brief:
+    return await advisor.brief(context.patientId, records, deadline=deadline)
 
 
 PATIENT_VIEW = ServiceDefinition(
@@ -59,14 +118,7 @@ PATIENT_VIEW = ServiceDefinition(
         "passages on their findings, each attributed to its source. Research software, not a "
         "medical device."
     ),
-    prefetch={
-        "patient": "Patient/{{context.patientId}}",
-        LABS_PREFETCH_KEY: (
-            "Observation?patient={{context.patientId}}&category=laboratory&_sort=-date&_count=200"
-        ),
-    },
-    usage_requirements=(
-        "Send a signed JWT from a client registered with the service. Chest X-ray studies are read "
-        "from the PACS configured for the deployment."
-    ),
+    handler=_patient_view,
+    prefetch=prefetch_templates(PATIENT_PREFETCH),
+    usage_requirements=_USAGE,
 )

@@ -1,13 +1,14 @@
 """Retrieval: similar past cases from independent searches, and literature.
 
-Similar cases come from two searches that never see each other's scores:
+Similar cases come from searches ("legs") that never see each other's scores:
 
 * the image leg searches the indexed cases' fused image+findings vectors with the query's image
   alone (the query's own findings are never used: that would be circular);
-* the lab leg searches the indexed cases' lab profiles with the query's lab profile.
+* the lab leg searches the indexed cases' lab profiles with the query's lab profile;
+* other legs (an order's reason, searched against the cases' recorded findings) work the same.
 
-Their rankings are merged by reciprocal rank fusion, so a leg with larger raw similarities
-cannot drown the other, and the query's own patient is excluded from both.
+Their rankings are merged by reciprocal rank fusion (:func:`merge_legs`), so a leg with larger
+raw similarities cannot drown the others, and the query's own patient is excluded from all.
 """
 
 from __future__ import annotations
@@ -15,17 +16,21 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from core.fusion import reciprocal_rank_fusion
 from core.ports import CaseIndex, LiteratureIndex, TextEmbedder
-from core.types import CaseHit, CaseRecord, LabProfile, PassageHit, Vector
+from core.types import CaseHit, CaseRecord, LabProfile, LegMatch, PassageHit, Vector
 
 __all__ = [
     "CaseSearchSettings",
+    "LegResult",
     "LiteratureSearchSettings",
+    "image_leg",
+    "lab_leg",
     "literature_query",
+    "merge_legs",
     "search_literature",
-    "similar_cases",
 ]
 
 
@@ -60,81 +65,88 @@ class LiteratureSearchSettings:
     candidates: int = 30
 
 
-async def similar_cases(
-    *,
-    patient_ref: str,
-    image_vectors: Vector | None,
-    labs: LabProfile | None,
-    index: CaseIndex,
-    settings: CaseSearchSettings = CaseSearchSettings(),
-) -> tuple[tuple[CaseHit, ...], tuple[str, ...]]:
-    """Find past cases similar to a patient by image and by labs, merged.
+@dataclass(frozen=True, slots=True)
+class LegResult:
+    """One leg's ranking of cases, best first.
 
     Args:
-        patient_ref: the query patient (``Patient/<id>``), excluded from the results: the index
-            is asked to exclude it and anything it returns anyway is dropped.
-        image_vectors: embeddings of the patient's chest images, shape ``(N, D)``, or ``None``.
-            With several images a case ranks by its best similarity to any of them.
-        labs: the patient's lab profile, or ``None``.
-        index: where the cases are.
-        settings: search sizes.
-
-    Returns:
-        The hits, best first, and notes on legs that could not run and why.
+        name: the leg's name, as the cards show it.
+        metric: ``"cos"`` when higher scores are closer, ``"dist"`` when lower are.
+        hits: ``(case, score)`` pairs, best first, each case at most once.
     """
-    notes: list[str] = []
-    image_hits: dict[str, tuple[CaseRecord, float]] = {}
-    if image_vectors is not None and len(image_vectors):
-        for vector in image_vectors:
-            found = await index.nearest_by_image(
-                vector, k=settings.leg_k, exclude_patient=patient_ref
-            )
-            for record, similarity in found:
-                if record.patient_ref == patient_ref:
-                    continue
-                best = image_hits.get(record.case_id)
-                if best is None or similarity > best[1]:
-                    image_hits[record.case_id] = (record, similarity)
-    image_ranking = sorted(image_hits, key=lambda cid: image_hits[cid][1], reverse=True)
 
-    lab_hits: dict[str, tuple[CaseRecord, float]] = {}
-    if labs is None or labs.measured_count < settings.min_labs:
-        have = 0 if labs is None else labs.measured_count
-        notes.append(
+    name: str
+    metric: Literal["cos", "dist"]
+    hits: tuple[tuple[CaseRecord, float], ...]
+
+
+def merge_legs(
+    legs: Sequence[LegResult], *, patient_ref: str, k: int, rrf_k: int
+) -> tuple[CaseHit, ...]:
+    """Merge legs by reciprocal rank fusion, never returning the query's own patient.
+
+    The index is asked to exclude the patient; anything it returns anyway is dropped here
+    before ranks are counted, so the invariant does not rest on one adapter.
+
+    Args:
+        legs: the legs' rankings.
+        patient_ref: the query patient (``Patient/<id>``).
+        k: how many merged cases to return.
+        rrf_k: the reciprocal rank fusion constant.
+    """
+    records: dict[str, CaseRecord] = {}
+    matches: dict[str, list[LegMatch]] = {}
+    rankings: list[list[str]] = []
+    for leg in legs:
+        ranking: list[str] = []
+        for record, score in leg.hits:
+            if record.patient_ref == patient_ref:
+                continue
+            ranking.append(record.case_id)
+            records.setdefault(record.case_id, record)
+            matches.setdefault(record.case_id, []).append(
+                LegMatch(leg=leg.name, rank=len(ranking), score=score, metric=leg.metric)
+            )
+        rankings.append(ranking)
+    merged = reciprocal_rank_fusion(rankings, k=rrf_k)
+    return tuple(
+        CaseHit(case=records[case_id], score=score, legs=tuple(matches[case_id]))
+        for case_id, score in merged[:k]
+    )
+
+
+async def image_leg(
+    image_vectors: Vector, *, patient_ref: str, index: CaseIndex, k: int
+) -> LegResult:
+    """Cases nearest to the query's images (fused vectors, cosine).
+
+    With several images a case ranks by its best similarity to any of them.
+    """
+    best: dict[str, tuple[CaseRecord, float]] = {}
+    for vector in image_vectors:
+        for record, similarity in await index.nearest_by_image(
+            vector, k=k, exclude_patient=patient_ref
+        ):
+            if record.case_id not in best or similarity > best[record.case_id][1]:
+                best[record.case_id] = (record, similarity)
+    hits = sorted(best.values(), key=lambda hit: hit[1], reverse=True)
+    return LegResult(name="image", metric="cos", hits=tuple(hits))
+
+
+async def lab_leg(
+    labs: LabProfile | None, *, patient_ref: str, index: CaseIndex, settings: CaseSearchSettings
+) -> LegResult | str:
+    """Cases nearest to the query's lab profile (Euclidean), or why the leg cannot run."""
+    have = 0 if labs is None else labs.measured_count
+    if labs is None or have < settings.min_labs:
+        return (
             f"lab comparison skipped: {have} of the panel's tests measured, "
             f"{settings.min_labs} needed"
         )
-    else:
-        found = await index.nearest_by_labs(
-            labs.vector,
-            k=settings.leg_k,
-            exclude_patient=patient_ref,
-            min_measured=settings.min_labs,
-        )
-        lab_hits = {
-            record.case_id: (record, distance)
-            for record, distance in found
-            if record.patient_ref != patient_ref
-        }
-    lab_ranking = list(lab_hits)
-
-    merged = reciprocal_rank_fusion([image_ranking, lab_ranking], k=settings.rrf_k)
-    image_rank = {cid: r for r, cid in enumerate(image_ranking, start=1)}
-    lab_rank = {cid: r for r, cid in enumerate(lab_ranking, start=1)}
-    hits: list[CaseHit] = []
-    for case_id, score in merged[: settings.k]:
-        record = (image_hits.get(case_id) or lab_hits[case_id])[0]
-        hits.append(
-            CaseHit(
-                case=record,
-                score=score,
-                image_rank=image_rank.get(case_id),
-                image_similarity=image_hits[case_id][1] if case_id in image_hits else None,
-                lab_rank=lab_rank.get(case_id),
-                lab_distance=lab_hits[case_id][1] if case_id in lab_hits else None,
-            )
-        )
-    return tuple(hits), tuple(notes)
+    hits = await index.nearest_by_labs(
+        labs.vector, k=settings.leg_k, exclude_patient=patient_ref, min_measured=settings.min_labs
+    )
+    return LegResult(name="labs", metric="dist", hits=tuple(hits))
 
 
 def literature_query(cases: Sequence[CaseHit], labs: LabProfile | None) -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -21,6 +22,7 @@ __all__ = [
     "IndexedCase",
     "LabProfile",
     "LabResult",
+    "LegMatch",
     "ModelCard",
     "Passage",
     "PassageHit",
@@ -156,24 +158,39 @@ class IndexedCase:
 
 
 @dataclass(frozen=True, slots=True)
+class LegMatch:
+    """How one search leg ranked a case.
+
+    Args:
+        leg: the leg's name (``"image"``, ``"labs"``, ``"reason"``).
+        rank: 1-based rank of the case in that leg.
+        score: the leg's own measure: a cosine similarity or a distance.
+        metric: ``"cos"`` (higher is closer) or ``"dist"`` (lower is closer).
+    """
+
+    leg: str
+    rank: int
+    score: float
+    metric: Literal["cos", "dist"]
+
+
+@dataclass(frozen=True, slots=True)
 class CaseHit:
     """A similar case found for a query, with how each search leg ranked it.
 
     Args:
         case: the matched case.
         score: the fused reciprocal-rank score.
-        image_rank: 1-based rank in the image leg, ``None`` when that leg did not return it.
-        image_similarity: cosine similarity of the query image to the case's fused vector.
-        lab_rank: 1-based rank in the lab leg, ``None`` when that leg did not return it.
-        lab_distance: Euclidean distance between the lab profiles.
+        legs: the legs that returned the case, in the order the legs were run.
     """
 
     case: CaseRecord
     score: float
-    image_rank: int | None = None
-    image_similarity: float | None = None
-    lab_rank: int | None = None
-    lab_distance: float | None = None
+    legs: tuple[LegMatch, ...] = ()
+
+    def leg(self, name: str) -> LegMatch | None:
+        """The match in leg ``name``, or ``None`` when that leg did not return the case."""
+        return next((m for m in self.legs if m.leg == name), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +243,8 @@ class Brief:
         patient_ref: the patient in context (``Patient/<id>``).
         cases: similar past cases, best first.
         passages: literature passages, best first.
-        literature_query: the text the literature was searched with, and where it came from.
+        literature_query: the text the literature was searched with.
+        literature_basis: where that text came from, in words for the clinician.
         omissions: what could not be used and why (``"imaging unavailable: ..."``).
         models: the models behind the results.
     """
@@ -235,5 +253,6 @@ class Brief:
     cases: tuple[CaseHit, ...] = ()
     passages: tuple[PassageHit, ...] = ()
     literature_query: str | None = None
+    literature_basis: str | None = None
     omissions: tuple[str, ...] = ()
     models: tuple[ModelCard, ...] = field(default_factory=tuple)

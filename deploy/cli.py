@@ -69,7 +69,7 @@ def serve(
             if clients is None:
                 logging.getLogger(__name__).warning("serving WITHOUT authentication")
             config = uvicorn.Config(
-                app_for(runtime), host=settings.host, port=settings.port, log_config=None
+                app_for(runtime, settings), host=settings.host, port=settings.port, log_config=None
             )
             await uvicorn.Server(config).serve()
 

@@ -126,9 +126,11 @@ async def _ingest(
 
 
 @asynccontextmanager
-async def _serving(runtime: Runtime, port: int) -> AsyncIterator[None]:
+async def _serving(runtime: Runtime, settings: Settings, port: int) -> AsyncIterator[None]:
     """The real service, on loopback, around the already-open runtime."""
-    config = uvicorn.Config(app_for(runtime), host="127.0.0.1", port=port, log_config=None)
+    config = uvicorn.Config(
+        app_for(runtime, settings), host="127.0.0.1", port=port, log_config=None
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started:
@@ -205,7 +207,7 @@ async def run_demo(
             say(f"case {case_id} skipped: {reason}")
         patient_id = patient or await _choose_patient(cases, components.bundles, settings.min_labs)
         runtime = build_runtime(components, settings, trusted_clients(settings))
-        async with _serving(runtime, port):
+        async with _serving(runtime, settings, port):
             url = f"{base}/cds-services/{PATIENT_VIEW.id}"
             body = patient_view_call(
                 patient_id, prefetch=prefetch_content(components.bundles, patient_id)

@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     fhir_bundles: Path | None = None
     fhir_timeout_s: float = Field(default=4.0, gt=0)
     allow_loopback_http: bool = False
+    deadline_s: float = Field(default=4.0, gt=0.5, le=60)
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_json_depth: int = Field(default=64, ge=8)
+    cors_origins: str = ""
+    smart_launch_url: str | None = None
     fusion_image_weight: float = Field(default=0.5, ge=0)
     fusion_findings_weight: float = Field(default=0.5, ge=0)
     cases_k: int = Field(default=5, ge=1, le=50)
@@ -46,6 +51,11 @@ class Settings(BaseSettings):
     rrf_k: int = Field(default=60, ge=1)
     min_labs: int = Field(default=3, ge=1)
     log_format: Literal["json", "text"] = "json"
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        """``cors_origins`` split at commas."""
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
 
     @property
     def models_path(self) -> Path:

@@ -19,7 +19,8 @@ from dicomweb_client import DICOMwebClient
 from fastapi import FastAPI
 
 from adapters.fhir.bundle_folder import BundleFolderRecords
-from adapters.fhir.client import FhirClient
+from adapters.fhir.client import HttpFhirAccess
+from adapters.fhir.folder_fhir import BundleFolderFhir
 from adapters.fhir.prefetch import PrefetchRecords
 from adapters.imaging.archive import DicomArchive
 from adapters.models.clip import OnnxClipEmbedder
@@ -27,9 +28,13 @@ from adapters.models.manifest import ManifestError
 from adapters.models.text import OnnxTextEmbedder
 from adapters.store.embedded import EmbeddedPostgres
 from adapters.store.pgvector_store import PgVectorStore
-from cds_hooks.app import RecordsFactory, Runtime, create_app
+from cds_hooks.app import Runtime, create_app
 from cds_hooks.auth import Authenticator, TrustedClient, load_trusted_clients
+from cds_hooks.calls import Caller, CallPolicy
+from cds_hooks.idempotency import HookInstanceCache
+from cds_hooks.services import LABS_PREFETCH_KEY, PATIENT_VIEW
 from core.advisor import Advisor, AdvisorSettings
+from core.brief_cards import SmartApp
 from core.ingestion import FusionWeights
 from core.ports import ClinicalRecords
 from core.retrieval import CaseSearchSettings, LiteratureSearchSettings
@@ -145,26 +150,9 @@ async def open_components(settings: Settings) -> AsyncIterator[Components]:
         )
 
 
-def _records_factory(components: Components, settings: Settings) -> RecordsFactory:
-    @asynccontextmanager
-    async def records(
-        *,
-        prefetch: Mapping[str, Any] | None,
-        labs_key: str,
-        fhir_server: str | None,
-        access_token: str | None,
-    ) -> AsyncIterator[ClinicalRecords]:
-        fallback: ClinicalRecords | None = components.bundles
-        if fhir_server:
-            fallback = FhirClient(
-                fhir_server,
-                bearer_token=access_token,
-                timeout=settings.fhir_timeout_s,
-                http=components.http,
-            )
-        yield PrefetchRecords(prefetch, labs_key=labs_key, fallback=fallback)
-
-    return records
+def _labs_record(value: Mapping[str, Any] | None) -> ClinicalRecords:
+    """The patient's record from a call's resolved labs prefetch value."""
+    return PrefetchRecords({LABS_PREFETCH_KEY: value}, labs_key=LABS_PREFETCH_KEY)
 
 
 def trusted_clients(
@@ -221,20 +209,33 @@ def build_runtime(
             literature=LiteratureSearchSettings(k=settings.passages_k),
         ),
     )
-    return Runtime(
+    caller = Caller(
         advisor=advisor,
-        records=_records_factory(components, settings),
+        fhir=HttpFhirAccess(components.http, timeout=settings.fhir_timeout_s),
+        parse_labs=_labs_record,
+        default_fhir=BundleFolderFhir(components.bundles) if components.bundles else None,
+        policy=CallPolicy(
+            deadline_s=settings.deadline_s,
+            max_body_bytes=settings.max_body_bytes,
+            max_json_depth=settings.max_json_depth,
+            allow_loopback_http=settings.allow_loopback_http,
+        ),
+        cache=HookInstanceCache(),
+        smart_app=SmartApp(settings.smart_launch_url) if settings.smart_launch_url else None,
+    )
+    return Runtime(
+        caller=caller,
         authenticator=authenticator,
         public_base_url=settings.public_base_url,
-        allow_loopback_http=settings.allow_loopback_http,
+        services=(PATIENT_VIEW,),
     )
 
 
-def app_for(runtime: Runtime) -> FastAPI:
+def app_for(runtime: Runtime, settings: Settings) -> FastAPI:
     """The FastAPI app serving an already-open runtime (its owner closes it)."""
 
     @asynccontextmanager
     async def opened() -> AsyncIterator[Runtime]:
         yield runtime
 
-    return create_app(opened)
+    return create_app(opened, cors_origins=settings.cors_origin_list)

@@ -1,9 +1,9 @@
-"""A FHIR R4 REST server as a clinical record.
+"""A FHIR R4 REST server: prefetch queries run by the service, and a clinical record.
 
-When a CDS Hooks request carries ``fhirServer`` and an access token but no usable prefetch, the
-service asks the EHR's FHIR server itself with the search its prefetch template would have run
-(``Observation?patient=<id>&category=laboratory&_sort=-date&_count=<page size>``), page by page,
-so that what it reads is what a prefetch would have held.
+When a CDS Hooks request carries ``fhirServer`` and an access token but lacks a prefetch key,
+the service runs the key's template query itself (:meth:`FhirClient.fetch`), page by page, so
+that what it reads is what a prefetch would have held. :meth:`FhirClient.laboratory_results`
+runs the labs template's query for ingestion from a live server.
 
 Every failure (no connection, timeout, an HTTP error, a body that is not a FHIR Bundle) becomes
 :class:`core.errors.SourceUnavailable` with source ``"FHIR server"`` and a reason that holds
@@ -14,8 +14,10 @@ refused, because following it would hand the bearer token to another host.
 
 from __future__ import annotations
 
+import json
 import logging
-from urllib.parse import urljoin, urlsplit
+from typing import Any
+from urllib.parse import urlencode, urljoin, urlsplit
 
 import httpx
 
@@ -26,11 +28,12 @@ from adapters.fhir.parse import (
     next_link,
     parse_bundle,
     reports_error,
+    resource_type_of,
 )
 from core.errors import SourceUnavailable
 from core.types import LabResult
 
-__all__ = ["FHIR_JSON", "FhirClient"]
+__all__ = ["FHIR_JSON", "FhirClient", "HttpFhirAccess"]
 
 logger = logging.getLogger(__name__)
 
@@ -128,39 +131,79 @@ class FhirClient:
             raise SourceUnavailable(_SOURCE, _status_reason(response.status_code))
         return response.content
 
-    async def _search(self, http: httpx.AsyncClient, patient_id: str) -> list[LabResult]:
+    async def _fetch(self, http: httpx.AsyncClient, query: str) -> dict[str, Any]:
         origin = _origin(self._base_url)
-        url: str | None = f"{self._base_url}/Observation"
-        params: dict[str, str] | None = {
-            "patient": patient_id,
-            "category": "laboratory",
-            "_sort": "-date",
-            "_count": str(self._page_size),
-        }
-        results: list[LabResult] = []
+        url: str | None = f"{self._base_url}/{query.lstrip('/')}"
+        first: dict[str, Any] | None = None
+        entries: list[Any] = []
         pages = 0
         while url is not None:
             if pages == self._max_pages:
-                raise SourceUnavailable(
-                    _SOURCE, f"more than {self._max_pages} pages of laboratory results"
-                )
-            body = await self._get_json(http, url, params)
+                raise SourceUnavailable(_SOURCE, f"more than {self._max_pages} pages of results")
+            body = await self._get_json(http, url, None)
             pages += 1
             try:
-                bundle = parse_bundle(body)
+                content = json.loads(body)
+            except json.JSONDecodeError as error:
+                raise SourceUnavailable(
+                    _SOURCE,
+                    f"sent invalid FHIR: not valid JSON (line {error.lineno}, "
+                    f"column {error.colno})",
+                ) from None
+            except UnicodeDecodeError:
+                raise SourceUnavailable(_SOURCE, "sent invalid FHIR: not UTF-8 text") from None
+            kind = content.get("resourceType") if isinstance(content, dict) else None
+            # resource_type_of answers in words unless the type is a well-formed FHIR type name.
+            if not isinstance(content, dict) or resource_type_of(content) != kind:
+                raise SourceUnavailable(_SOURCE, "sent something that is not a FHIR resource")
+            if kind == "OperationOutcome":
+                raise SourceUnavailable(_SOURCE, "answered with an OperationOutcome")
+            if kind != "Bundle":
+                return dict(content)
+            try:
+                bundle = parse_bundle(content)
             except InvalidFhirContent as error:
                 raise SourceUnavailable(_SOURCE, f"sent invalid FHIR: {error.reason}") from error
-            resources = bundle_resources(bundle)
-            if reports_error(resources):
+            if reports_error(bundle_resources(bundle)):
                 raise SourceUnavailable(_SOURCE, "reported an error in its search result")
-            results.extend(lab_results(resources, patient_id=patient_id))
+            first = first or content
+            entries.extend(content.get("entry") or ())
             following = next_link(bundle)
-            # The next link carries its own query; the first page's parameters are not resent.
-            url, params = (urljoin(url, following) if following else None), None
+            url = urljoin(url, following) if following else None
             if url is not None and _origin(url) != origin:
                 raise SourceUnavailable(_SOURCE, "sent a next link to another server")
-        logger.debug("read %d laboratory result(s) in %d page(s)", len(results), pages)
-        return results
+        assert first is not None
+        merged = {**first, "entry": entries}
+        links = [link for link in first.get("link") or () if link.get("relation") != "next"]
+        merged.pop("link", None)
+        if links:
+            merged["link"] = links
+        if not entries:
+            merged.pop("entry")
+        logger.debug("read %d entries in %d page(s)", len(entries), pages)
+        return merged
+
+    async def fetch(self, query: str) -> dict[str, Any]:
+        """Run a FHIR read or search relative to the base URL, following ``next`` links.
+
+        Args:
+            query: ``Patient/123`` or ``Observation?patient=123&category=laboratory``, as a
+                CDS Hooks prefetch template gives it once its tokens are filled in.
+
+        Returns:
+            The resource read, or the search's Bundle with the entries of all its pages (and
+            no ``next`` link).
+
+        Raises:
+            SourceUnavailable: the server could not be reached, timed out, answered with an HTTP
+                error or an OperationOutcome, sent something that is not valid FHIR or a Bundle
+                reporting an error, sent a ``next`` link to another origin, or had more than
+                ``max_pages`` pages.
+        """
+        if self._http is not None:
+            return await self._fetch(self._http, query)
+        async with httpx.AsyncClient() as http:
+            return await self._fetch(http, query)
 
     async def laboratory_results(self, patient_id: str) -> tuple[LabResult, ...]:
         """The patient's numeric laboratory results, following ``next`` links.
@@ -177,7 +220,35 @@ class FhirClient:
                 error (an OperationOutcome with an error issue), sent a ``next`` link to another
                 origin, or had more than ``max_pages`` pages.
         """
-        if self._http is not None:
-            return tuple(await self._search(self._http, patient_id))
-        async with httpx.AsyncClient() as http:
-            return tuple(await self._search(http, patient_id))
+        query = urlencode(
+            {
+                "patient": patient_id,
+                "category": "laboratory",
+                "_sort": "-date",
+                "_count": str(self._page_size),
+            }
+        )
+        try:
+            bundle = parse_bundle(await self.fetch(f"Observation?{query}"))
+        except InvalidFhirContent as error:
+            raise SourceUnavailable(_SOURCE, f"sent invalid FHIR: {error.reason}") from error
+        return tuple(lab_results(bundle_resources(bundle), patient_id=patient_id))
+
+
+class HttpFhirAccess:
+    """Makes :class:`FhirClient` fetchers for the FHIR servers that hook calls name.
+
+    Args:
+        http: the shared HTTP client (connection pooling); it is not closed here.
+        timeout: seconds allowed for each HTTP request.
+    """
+
+    def __init__(self, http: httpx.AsyncClient, *, timeout: float) -> None:
+        self._http = http
+        self._timeout = timeout
+
+    def fetcher(self, base_url: str, access_token: str | None) -> FhirClient:
+        """A client of ``base_url`` presenting ``access_token`` (kept for this call only)."""
+        return FhirClient(
+            base_url, bearer_token=access_token, timeout=self._timeout, http=self._http
+        )

@@ -1,9 +1,12 @@
+import asyncio
+import dataclasses
+import time
 from datetime import UTC, datetime
 
 import numpy as np
 import pytest
 
-from core.advisor import Advisor
+from core.advisor import Advisor, AdvisorSettings
 from core.errors import SourceUnavailable
 from core.ingestion import CaseSource, FusionWeights, ingest_cases, ingest_passages
 from core.labs import LAB_PANEL
@@ -133,7 +136,7 @@ async def test_brief_for_a_patient(world):
     brief = await advisor.brief("query", world[1])
     assert brief.patient_ref == "Patient/query"
     assert {h.case.case_id for h in brief.cases} == {"case-p1", "case-p2", "case-p3"}
-    assert all(h.image_rank and h.lab_rank for h in brief.cases)
+    assert all(h.leg("image") and h.leg("labs") for h in brief.cases)
     assert "effusion" in brief.literature_query
     assert brief.passages[0].passage.pmid == "7"
     assert brief.omissions == ()
@@ -151,8 +154,8 @@ async def test_imaging_failure_degrades_to_labs_with_a_note(world):
     world[0].failure = "timed out"
     brief = await advisor.brief("query", world[1])
     assert brief.cases
-    assert all(h.image_rank is None and h.lab_rank for h in brief.cases)
-    assert brief.omissions[0] == "imaging unavailable (timed out); cases matched by labs only"
+    assert all(h.leg("image") is None and h.leg("labs") for h in brief.cases)
+    assert brief.omissions[0] == "imaging unavailable (timed out); cases matched without it"
 
 
 async def test_record_failure_propagates(world):
@@ -167,7 +170,58 @@ async def test_patient_without_images_or_labs(world):
     assert brief.cases == ()
     assert brief.passages == ()
     assert brief.omissions == (
-        "no chest radiograph on file; cases matched by labs only",
+        "no chest radiograph on file; cases matched without an image",
         "lab comparison skipped: 0 of the panel's tests measured, 3 needed",
         "literature not searched: no findings in similar cases and no abnormal labs",
     )
+
+
+class Hanging(FixedImaging):
+    async def chest_images(self, patient_id, *, limit=4, study_uid=None):
+        await asyncio.sleep(3600)
+
+
+class HangingRecords(FixedRecords):
+    async def laboratory_results(self, patient_id):
+        await asyncio.sleep(3600)
+
+
+class SlowText(TextDouble):
+    async def embed_texts(self, texts):
+        await asyncio.sleep(3600)
+
+
+def deadline_in(seconds):
+    return asyncio.get_running_loop().time() + seconds
+
+
+async def test_a_hanging_pacs_is_cut_at_the_deadline(world):
+    advisor = await advisor_for(world)
+    advisor = dataclasses.replace(
+        advisor, imaging=Hanging(), settings=AdvisorSettings(compute_reserve_s=0.2)
+    )
+    started = time.perf_counter()
+    brief = await advisor.brief("query", world[1], deadline=deadline_in(0.5))
+    assert time.perf_counter() - started < 0.5
+    assert brief.cases  # by labs
+    assert brief.omissions[0] == (
+        "imaging unavailable (no answer within the call's time budget); cases matched without it"
+    )
+
+
+async def test_hanging_labs_raise_before_the_deadline(world):
+    advisor = await advisor_for(world)
+    advisor = dataclasses.replace(advisor, settings=AdvisorSettings(compute_reserve_s=0.2))
+    started = time.perf_counter()
+    with pytest.raises(SourceUnavailable, match="clinical record unavailable: no answer"):
+        await advisor.brief("query", HangingRecords(), deadline=deadline_in(0.5))
+    assert time.perf_counter() - started < 0.5
+
+
+async def test_literature_is_left_out_when_time_runs_out(world):
+    advisor = await advisor_for(world)
+    advisor = dataclasses.replace(advisor, text_model=SlowText())
+    brief = await advisor.brief("query", world[1], deadline=deadline_in(1.5))
+    assert brief.cases
+    assert brief.passages == ()
+    assert "literature not searched: the call's time budget ran out" in brief.omissions

@@ -1,18 +1,20 @@
+import json
+
 import pytest
 from pydantic import ValidationError
 
+from core.brief_cards import RESEARCH_USE_NOTE, SmartApp, brief_cards
 from core.cards import (
-    RESEARCH_USE_NOTE,
     SUMMARY_MAX,
     Card,
     CdsResponse,
+    Coding,
     Link,
     OverrideReason,
     Source,
     Suggestion,
-    brief_cards,
 )
-from core.types import Brief, CaseHit, CaseRecord, ModelCard, Passage, PassageHit
+from core.types import Brief, CaseHit, CaseRecord, LegMatch, ModelCard, Passage, PassageHit
 
 SOURCE = Source(label="test")
 
@@ -29,11 +31,23 @@ def test_card_rejects_invalid_shapes():
     with pytest.raises(ValidationError, match="appContext"):
         Link(label="l", url="https://x", type="absolute", appContext="{}")
     with pytest.raises(ValidationError):
-        OverrideReason(code="c")  # display is required on override reasons
+        OverrideReason(code="c", system="https://s")  # display is required on override reasons
+    with pytest.raises(ValidationError):
+        Coding(code="c")  # system is required on every coding
     with pytest.raises(ValidationError, match="one line"):
         Card(summary="two\nlines", indicator="info", source=SOURCE)
     with pytest.raises(ValidationError):
         Card(summary="ok", indicator="info", source=SOURCE, colour="red")
+
+
+@pytest.mark.parametrize("url", ["/relative", "pubmed.ncbi.nlm.nih.gov", "javascript:alert(1)", ""])
+def test_urls_must_be_absolute(url):
+    with pytest.raises(ValidationError, match="absolute"):
+        Source(label="s", url=url)
+    with pytest.raises(ValidationError, match="absolute"):
+        Source(label="s", icon=url)
+    with pytest.raises(ValidationError, match="absolute"):
+        Link(label="l", url=url, type="absolute")
 
 
 def test_serialisation_has_no_null_or_empty_elements():
@@ -48,15 +62,15 @@ def brief(**kw):
     record = CaseRecord(
         "case|1", "Patient/a", "1.2.3", ("Pleural_Thickening", "Effusion"), "prov <b>"
     )
+    legs = (LegMatch("image", 1, 0.9, "cos"), LegMatch("labs", 2, 1.5, "dist"))
     base = dict(
         patient_ref="Patient/q",
-        cases=(
-            CaseHit(record, 0.03, image_rank=1, image_similarity=0.9, lab_rank=2, lab_distance=1.5),
-        ),
+        cases=(CaseHit(record, 0.03, legs),),
         passages=(
             PassageHit(Passage("123:0", "123", "Text *with* <script>", "RESULTS", "2001"), 0.7),
         ),
         literature_query="chest radiograph findings: effusion",
+        literature_basis="the similar cases' findings",
         models=(ModelCard("tiny", "tiny random placeholder"),),
     )
     base.update(kw)
@@ -64,28 +78,56 @@ def brief(**kw):
 
 
 def test_brief_cards_attribute_every_case_and_passage():
-    cards = brief_cards(brief(), instance="i-1")
-    assert [c.source.label for c in cards] == ["MediRAG CDS similar-case index", "PubMed abstracts"]
-    cases, literature = cards
+    issued = brief_cards(brief(), instance="i-1")
+    assert [i.kind for i in issued] == ["cases", "literature"]
+    cases, literature = (i.card for i in issued)
+    assert cases.source.label == "MediRAG CDS similar-case index"
+    assert literature.source.label == "PubMed abstracts"
     assert "case\\|1" in cases.detail
     assert "1.2.3" in cases.detail
     assert "Pleural Thickening" in cases.detail
     assert "prov \\<b\\>" in cases.detail  # source text is escaped, not rendered
+    assert "| Image rank | Lab rank |" in cases.detail
     assert "1 (cos 0.90)" in cases.detail
     assert "2 (dist 1.50)" in cases.detail
     assert "PMID [123](https://pubmed.ncbi.nlm.nih.gov/123/)" in literature.detail
+    assert "built from the similar cases' findings" in literature.detail
     assert "<script>" not in literature.detail
     assert literature.links[0].url == "https://pubmed.ncbi.nlm.nih.gov/123/"
-    for card in cards:
+    assert issued[0].sources == ("case:case|1", "study:1.2.3")
+    assert issued[1].sources == ("pmid:123",)
+    for card in (cases, literature):
         assert RESEARCH_USE_NOTE in card.detail
         assert "tiny random placeholder" in card.detail
         assert len(card.summary) <= SUMMARY_MAX
 
 
+def test_table_has_a_column_per_leg_used():
+    record = CaseRecord("c", "Patient/a", "1.2", ("Effusion",), "p")
+    only_reason = (CaseHit(record, 0.1, (LegMatch("reason", 1, 0.8, "cos"),)),)
+    card = brief_cards(brief(cases=only_reason), instance="i")[0].card
+    assert "| # | Case | Study UID | Recorded findings | Reason rank |" in card.detail
+    assert card.summary.startswith("1 similar past cases by reason:")
+
+
+def test_smart_link_names_the_retrieved_cases():
+    app = SmartApp("https://app.example.org/launch")
+    card = brief_cards(brief(), instance="i-1", app=app)[0].card
+    (link,) = card.links
+    assert (link.type, link.url) == ("smart", "https://app.example.org/launch")
+    assert json.loads(link.appContext) == {
+        "hookInstance": "i-1",
+        "cases": ["case|1"],
+        "studies": ["1.2.3"],
+        "pmids": ["123"],
+    }
+    assert brief_cards(brief(), instance="i-1")[0].card.links is None
+
+
 def test_card_uuids_are_stable_per_instance():
-    first = [c.uuid for c in brief_cards(brief(), instance="i-1")]
-    again = [c.uuid for c in brief_cards(brief(), instance="i-1")]
-    other = [c.uuid for c in brief_cards(brief(), instance="i-2")]
+    first = [i.card.uuid for i in brief_cards(brief(), instance="i-1")]
+    again = [i.card.uuid for i in brief_cards(brief(), instance="i-1")]
+    other = [i.card.uuid for i in brief_cards(brief(), instance="i-2")]
     assert first == again
     assert not set(first) & set(other)
     assert len(set(first)) == len(first)
@@ -93,16 +135,16 @@ def test_card_uuids_are_stable_per_instance():
 
 def test_long_summaries_are_cut_at_a_word():
     query = " ".join(["pneumothorax"] * 30)
-    literature = brief_cards(brief(literature_query=query), instance="i")[1]
+    literature = brief_cards(brief(literature_query=query), instance="i")[1].card
     assert len(literature.summary) <= SUMMARY_MAX
     assert literature.summary.endswith("…")
     assert "pneumothor…" not in literature.summary
 
 
 def test_omissions_card_and_empty_brief():
-    cards = brief_cards(
+    issued = brief_cards(
         brief(cases=(), passages=(), omissions=("imaging unavailable (timed out)",)), instance="i"
     )
-    assert len(cards) == 1
-    assert cards[0].summary == "Partial result: imaging unavailable (timed out)"
+    assert [i.kind for i in issued] == ["omissions"]
+    assert issued[0].card.summary == "Partial result: imaging unavailable (timed out)"
     assert brief_cards(brief(cases=(), passages=()), instance="i") == []

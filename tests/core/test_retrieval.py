@@ -5,12 +5,15 @@ from core.fusion import normalize
 from core.labs import LAB_PANEL
 from core.retrieval import (
     CaseSearchSettings,
+    LegResult,
     LiteratureSearchSettings,
+    image_leg,
+    lab_leg,
     literature_query,
+    merge_legs,
     search_literature,
-    similar_cases,
 )
-from core.types import CaseHit, CaseRecord, IndexedCase, LabProfile, Passage
+from core.types import CaseHit, CaseRecord, IndexedCase, LabProfile, LegMatch, Passage
 from tests.core.doubles import MemoryCases, MemoryLiterature, TextDouble
 
 pytestmark = pytest.mark.anyio
@@ -41,33 +44,39 @@ async def index_of(*cases):
     return index
 
 
+async def legs_for(index, *, patient="Patient/q", images=None, lab=None, settings=None):
+    settings = settings or CaseSearchSettings()
+    legs = []
+    if images is not None:
+        legs.append(await image_leg(images, patient_ref=patient, index=index, k=settings.leg_k))
+    labs = await lab_leg(lab, patient_ref=patient, index=index, settings=settings)
+    notes = [labs] if isinstance(labs, str) else []
+    legs += [] if isinstance(labs, str) else [labs]
+    hits = merge_legs(legs, patient_ref=patient, k=settings.k, rrf_k=settings.rrf_k)
+    return hits, notes
+
+
 async def test_image_leg_ranks_by_similarity_and_excludes_own_patient():
     index = await index_of(
         case("own", "q", unit(1, 0)),  # identical image, same patient: must never come back
         case("near", "a", unit(1, 0.1)),
         case("far", "b", unit(0, 1)),
     )
-    hits, notes = await similar_cases(
-        patient_ref="Patient/q", image_vectors=np.stack([unit(1, 0)]), labs=None, index=index
-    )
+    hits, notes = await legs_for(index, images=np.stack([unit(1, 0)]))
     assert [h.case.case_id for h in hits] == ["near", "far"]
-    assert hits[0].image_rank == 1
-    assert hits[0].lab_rank is None
-    assert hits[0].image_similarity == pytest.approx(float(np.dot(unit(1, 0), unit(1, 0.1))))
+    assert hits[0].leg("image").rank == 1
+    assert hits[0].leg("labs") is None
+    assert hits[0].leg("image").score == pytest.approx(float(np.dot(unit(1, 0), unit(1, 0.1))))
+    assert hits[0].leg("image").metric == "cos"
     assert any("lab comparison skipped" in n for n in notes)
 
 
 async def test_own_patient_dropped_even_if_index_returns_it():
     index = await index_of(case("own", "q", unit(1, 0), labs(1, 1, 1)), case("x", "a", unit(0, 1)))
     index.leak_patient = True
-    hits, _ = await similar_cases(
-        patient_ref="Patient/q",
-        image_vectors=np.stack([unit(1, 0)]),
-        labs=labs(1, 1, 1),
-        index=index,
-    )
-    assert all(h.case.patient_ref != "Patient/q" for h in hits)
+    hits, _ = await legs_for(index, images=np.stack([unit(1, 0)]), lab=labs(1, 1, 1))
     assert [h.case.case_id for h in hits] == ["x"]
+    assert hits[0].leg("image").rank == 1  # ranks are counted after the own patient is dropped
 
 
 async def test_legs_merge_by_rank_so_neither_drowns_the_other():
@@ -76,11 +85,10 @@ async def test_legs_merge_by_rank_so_neither_drowns_the_other():
         case("lab_best", "b", unit(0, 1), labs(1, 1, 1)),
         case("both_second", "c", unit(1, 1), labs(2, 2, 2)),
     )
-    hits, notes = await similar_cases(
-        patient_ref="Patient/q",
-        image_vectors=np.stack([unit(1, 0)]),
-        labs=labs(1, 1, 1),
-        index=index,
+    hits, notes = await legs_for(
+        index,
+        images=np.stack([unit(1, 0)]),
+        lab=labs(1, 1, 1),
         settings=CaseSearchSettings(k=3, min_labs=3),
     )
     # Image ranks img_best 1, both 2, lab_best 3; lab ranks lab_best 1, both 2, img_best 3.
@@ -88,30 +96,32 @@ async def test_legs_merge_by_rank_so_neither_drowns_the_other():
     assert [h.case.case_id for h in hits] == ["img_best", "lab_best", "both_second"]
     scores = {h.case.case_id: h.score for h in hits}
     assert scores["img_best"] == pytest.approx(scores["lab_best"])
-    assert notes == ()
+    assert notes == []
     by_id = {h.case.case_id: h for h in hits}
-    assert by_id["lab_best"].lab_rank == 1
-    assert by_id["lab_best"].lab_distance == pytest.approx(0)
+    assert by_id["lab_best"].leg("labs").rank == 1
+    assert by_id["lab_best"].leg("labs").score == pytest.approx(0)
+    assert by_id["lab_best"].leg("labs").metric == "dist"
 
 
 async def test_lab_leg_needs_enough_measured_tests():
     index = await index_of(case("a", "a", unit(1, 0), labs(1, 1, 1)))
-    hits, notes = await similar_cases(
-        patient_ref="Patient/q", image_vectors=None, labs=labs(1, 1), index=index
-    )
+    hits, notes = await legs_for(index, lab=labs(1, 1))
     assert hits == ()
-    assert notes == ("lab comparison skipped: 2 of the panel's tests measured, 3 needed",)
+    assert notes == ["lab comparison skipped: 2 of the panel's tests measured, 3 needed"]
 
 
 async def test_multiple_query_images_take_best_similarity():
     index = await index_of(case("a", "a", unit(1, 0)), case("b", "b", unit(0, 1)))
-    hits, _ = await similar_cases(
-        patient_ref="Patient/q",
-        image_vectors=np.stack([unit(1, 0), unit(0, 1)]),
-        labs=None,
-        index=index,
-    )
-    assert [h.image_similarity for h in hits] == [pytest.approx(1.0), pytest.approx(1.0)]
+    hits, _ = await legs_for(index, images=np.stack([unit(1, 0), unit(0, 1)]))
+    assert [h.leg("image").score for h in hits] == [pytest.approx(1.0), pytest.approx(1.0)]
+
+
+def test_merge_legs_with_any_leg_names():
+    a, b = (CaseRecord(i, f"Patient/{i}", "1", (), "t") for i in "ab")
+    reason = LegResult("reason", "cos", ((b, 0.9), (a, 0.2)))
+    hits = merge_legs([reason], patient_ref="Patient/q", k=5, rrf_k=60)
+    assert [h.case.case_id for h in hits] == ["b", "a"]
+    assert hits[1].legs == (LegMatch("reason", 2, 0.2, "cos"),)
 
 
 def hit(*findings):

@@ -252,7 +252,7 @@ async def test_an_endless_chain_of_pages_stops_at_max_pages(
     client = FhirClient(f"{server.origin}/loop/fhir", max_pages=3)
     with pytest.raises(SourceUnavailable) as raised:
         await client.laboratory_results(patient_id)
-    assert raised.value.reason == "more than 3 pages of laboratory results"
+    assert raised.value.reason == "more than 3 pages of results"
     assert len(server.requests) == 3
 
 
