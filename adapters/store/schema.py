@@ -152,7 +152,8 @@ class Migration:
         version: its position in the order; versions are unique and increasing.
         description: what it does, in words (recorded with the version).
         statements: the idempotent statements for given models and HNSW parameters.
-        tables: the tables it creates, which :func:`drop_index` drops.
+        tables: the index tables it creates, which :func:`drop_index` drops; tables outside the
+            index (the card ledger), which a rebuild keeps, are not listed.
     """
 
     version: int
@@ -227,12 +228,69 @@ def _initial(models: IndexModels, hnsw: HnswParams) -> tuple[sql.SQL | sql.Compo
     )
 
 
+def _ledger(models: IndexModels, hnsw: HnswParams) -> tuple[sql.SQL | sql.Composed, ...]:
+    return (
+        sql.SQL(
+            """
+            CREATE TABLE IF NOT EXISTS issued_cards (
+                card_uuid text PRIMARY KEY,
+                service_id text NOT NULL,
+                hook_instance text NOT NULL,
+                client text NOT NULL,
+                kind text NOT NULL,
+                summary text NOT NULL,
+                sources text[] NOT NULL,
+                issued_at timestamptz NOT NULL DEFAULT now()
+            )
+            """
+        ),
+        sql.SQL(
+            """
+            CREATE TABLE IF NOT EXISTS feedback (
+                id bigserial PRIMARY KEY,
+                card_uuid text NOT NULL,
+                service_id text NOT NULL,
+                client text NOT NULL,
+                outcome text NOT NULL CHECK (outcome IN ('accepted', 'overridden')),
+                accepted_suggestions text[] NOT NULL DEFAULT '{}',
+                override_system text,
+                override_code text,
+                override_display text,
+                user_comment text,
+                outcome_timestamp timestamptz NOT NULL,
+                received_at timestamptz NOT NULL DEFAULT now()
+            )
+            """
+        ),
+        sql.SQL("CREATE INDEX IF NOT EXISTS feedback_card_idx ON feedback (card_uuid)"),
+        sql.SQL(
+            """
+            CREATE TABLE IF NOT EXISTS seen_jwt_ids (
+                issuer text NOT NULL,
+                jti text NOT NULL,
+                expires_at timestamptz NOT NULL,
+                PRIMARY KEY (issuer, jti)
+            )
+            """
+        ),
+        sql.SQL("CREATE INDEX IF NOT EXISTS seen_jwt_ids_expiry_idx ON seen_jwt_ids (expires_at)"),
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         version=1,
         description="cases, passages, and the models that built them",
         statements=_initial,
         tables=("cases", "passages", "index_models"),
+    ),
+    Migration(
+        version=2,
+        description="card ledger (issued cards, feedback) and seen JWT ids",
+        statements=_ledger,
+        # Not part of the index: a rebuild with other models keeps the feedback, the record of
+        # the cards it is about, and the JWT ids still inside their lifetime.
+        tables=(),
     ),
 )
 """Every migration, in the order they apply."""
@@ -352,6 +410,7 @@ async def drop_index(conn: AsyncConnection[Any]) -> None:
     """Drop every table of the index, its data and its record of models and migrations.
 
     For a rebuild with other models: the next :func:`migrate` creates the schema afresh. The
+    card ledger (issued cards, feedback, seen JWT ids) is not the index and is kept. The
     ``vector`` extension is left installed (other databases' users may rely on it).
 
     Args:

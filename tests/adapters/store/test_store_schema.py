@@ -170,12 +170,20 @@ async def test_default_hnsw_parameters_are_pgvectors(dsn: str) -> None:
     assert sorted(options[0][0]) == ["ef_construction=64", "m=16"]
 
 
-async def test_drop_index_removes_every_table(dsn: str) -> None:
+async def test_drop_index_removes_the_index_and_keeps_the_ledger(dsn: str) -> None:
+    query = "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() ORDER BY 1"
+    ledger = [("feedback",), ("issued_cards",), ("seen_jwt_ids",)]
     async with await AsyncConnection.connect(dsn) as conn:
         await migrate(conn, MODELS)
+        await conn.execute(
+            "INSERT INTO seen_jwt_ids VALUES ('iss', 'jti', now() + interval '1 minute')"
+        )
+        await conn.commit()
         await drop_index(conn)
-    tables = await _rows(dsn, "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")
-    assert tables == []
+    assert await _rows(dsn, query) == ledger
+    async with await AsyncConnection.connect(dsn) as conn:
+        assert await migrate(conn, MODELS) == (1, 2)  # a rebuild adopts the kept tables
+    assert await _rows(dsn, "SELECT issuer, jti FROM seen_jwt_ids") == [("iss", "jti")]
 
 
 def test_models_and_hnsw_parameters_are_validated() -> None:
