@@ -109,12 +109,22 @@ class Link(_Model):
 
 
 class Action(_Model):
-    """A suggested change to the record."""
+    """A suggested change to the record: ``create`` and ``update`` carry the whole resource,
+    ``delete`` names it by ``resourceId`` (never by a string in ``resource``)."""
 
     type: Literal["create", "update", "delete"]
     description: str = Field(min_length=1)
     resource: dict[str, Any] | None = None
-    resourceId: str | None = None
+    resourceId: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _resource_for_type(self) -> Action:
+        if self.type in ("create", "update"):
+            if self.resource is None or not isinstance(self.resource.get("resourceType"), str):
+                raise ValueError(f"a {self.type} action carries the whole FHIR resource")
+        elif self.resource is not None or self.resourceId is None:
+            raise ValueError("a delete action names its resource by resourceId only")
+        return self
 
 
 class Suggestion(_Model):

@@ -20,6 +20,7 @@ from core.errors import SourceUnavailable
 from deploy.default_models import ExportUnavailable
 from deploy.demo import missing_shared_data, print_result, run_demo
 from deploy.logs import configure_logging
+from deploy.server import server_config
 from deploy.settings import Settings
 from deploy.wiring import (
     ConfigurationError,
@@ -68,10 +69,7 @@ def serve(
             runtime = build_runtime(components, settings, clients)
             if clients is None:
                 logging.getLogger(__name__).warning("serving WITHOUT authentication")
-            config = uvicorn.Config(
-                app_for(runtime, settings), host=settings.host, port=settings.port, log_config=None
-            )
-            await uvicorn.Server(config).serve()
+            await uvicorn.Server(server_config(app_for(runtime, settings), settings)).serve()
 
     try:
         asyncio.run(run())

@@ -36,6 +36,7 @@ from core.ingestion import IngestReport, ingest_cases, ingest_passages
 from core.labs import lab_profile
 from deploy.default_models import ensure_default_models
 from deploy.ehr_simulator import DemoEhr, patient_view_call
+from deploy.server import server_config
 from deploy.settings import Settings
 from deploy.wiring import Components, app_for, build_runtime, open_components, trusted_clients
 from fixtures.synthetic_cases import SyntheticCase, synthetic_cases
@@ -128,10 +129,9 @@ async def _ingest(
 @asynccontextmanager
 async def _serving(runtime: Runtime, settings: Settings, port: int) -> AsyncIterator[None]:
     """The real service, on loopback, around the already-open runtime."""
-    config = uvicorn.Config(
-        app_for(runtime, settings), host="127.0.0.1", port=port, log_config=None
+    server = uvicorn.Server(
+        server_config(app_for(runtime, settings), settings, host="127.0.0.1", port=port)
     )
-    server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():
@@ -191,6 +191,9 @@ async def run_demo(
             "port": port,
             "fhir_bundles": shared / "synthea",
             "dicom_dir": settings.data_dir / "fixtures" / "dicom",
+            # The demo's EHR calls over loopback http; a configured certificate is not for it.
+            "tls_cert_file": None,
+            "tls_key_file": None,
         }
     )
     async with open_components(settings) as components:

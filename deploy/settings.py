@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     max_json_depth: int = Field(default=64, ge=8)
     cors_origins: str = ""
     smart_launch_url: str | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
     fusion_image_weight: float = Field(default=0.5, ge=0)
     fusion_findings_weight: float = Field(default=0.5, ge=0)
     cases_k: int = Field(default=5, ge=1, le=50)

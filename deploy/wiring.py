@@ -171,6 +171,11 @@ def trusted_clients(
             "insecure development mode and MEDIRAG_ALLOW_LOOPBACK_HTTP are refused when "
             "MEDIRAG_ENV=production"
         )
+    if settings.env == "production" and not settings.public_base_url.startswith("https://"):
+        # CDS Hooks: all data MUST travel over HTTPS; EHRs sign JWTs for the https URL.
+        raise ConfigurationError(
+            "MEDIRAG_PUBLIC_BASE_URL must be https when MEDIRAG_ENV=production"
+        )
     if insecure_dev:
         return None
     if settings.clients is None:

@@ -6,6 +6,7 @@ from pydantic import ValidationError
 from core.brief_cards import RESEARCH_USE_NOTE, SmartApp, brief_cards
 from core.cards import (
     SUMMARY_MAX,
+    Action,
     Card,
     CdsResponse,
     Coding,
@@ -148,3 +149,39 @@ def test_omissions_card_and_empty_brief():
     assert [i.kind for i in issued] == ["omissions"]
     assert issued[0].card.summary == "Partial result: imaging unavailable (timed out)"
     assert brief_cards(brief(cases=(), passages=()), instance="i") == []
+
+
+def test_actions_and_suggestions_follow_the_spec():
+    patient = {"resourceType": "ServiceRequest", "id": "1"}
+    assert (
+        Action(type="create", description="order", resource=patient).to_json()["type"] == "create"
+    )
+    Action(type="update", description="update", resource=patient)
+    Action(type="delete", description="remove", resourceId="ServiceRequest/1")
+    with pytest.raises(ValidationError, match="whole FHIR resource"):
+        Action(type="create", description="order")
+    with pytest.raises(ValidationError, match="whole FHIR resource"):
+        Action(type="update", description="update", resource={"id": "1"})
+    with pytest.raises(ValidationError, match="resourceId only"):
+        Action(type="delete", description="remove", resource={"resourceType": "X"})
+    with pytest.raises(ValidationError, match="resourceId only"):
+        Action(type="delete", description="remove")
+    with pytest.raises(ValidationError):
+        Action(type="patch", description="x", resource=patient)
+    with pytest.raises(ValidationError):
+        Action(type="create", description="", resource=patient)
+    with pytest.raises(ValidationError):
+        Suggestion(label="")
+    with pytest.raises(ValidationError):
+        Suggestion(label="s", isRecommended="maybe")
+    card = Card(
+        summary="ok",
+        indicator="warning",
+        source=SOURCE,
+        suggestions=[Suggestion(label="s", uuid="u1", isRecommended=True, actions=[])],
+        selectionBehavior="any",
+        overrideReasons=[OverrideReason(code="c", system="https://s", display="Not relevant")],
+    )
+    assert card.to_json()["suggestions"] == [{"label": "s", "uuid": "u1", "isRecommended": True}]
+    with pytest.raises(ValidationError):
+        Card(summary="ok", indicator="info", source=SOURCE, selectionBehavior="all")

@@ -58,8 +58,13 @@ def test_serving_needs_trusted_clients(tmp_path):
 
 def test_development_settings_are_refused_in_production(tmp_path):
     ehr = DemoEhr.load_or_create(tmp_path / "ehr")
-    production = Settings(env="production", clients=ehr.clients_file)
+    production = Settings(
+        env="production", clients=ehr.clients_file, public_base_url="https://cds.example.org"
+    )
     assert trusted_clients(production)
+    plain = production.model_copy(update={"public_base_url": "http://cds.example.org"})
+    with pytest.raises(ConfigurationError, match="must be https"):
+        trusted_clients(plain)
     with pytest.raises(ConfigurationError, match="refused when MEDIRAG_ENV=production"):
         trusted_clients(production, insecure_dev=True)
     loopback = production.model_copy(update={"allow_loopback_http": True})
