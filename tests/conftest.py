@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
+from psycopg import sql
+
+from adapters.store.embedded import EmbeddedPostgres
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,6 +56,25 @@ def tiny_dir(models_dir: Path) -> Path:
 def anyio_backend() -> str:
     """Async tests (``@pytest.mark.anyio``) run on asyncio, as the service does."""
     return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+    """A real embedded PostgreSQL with pgvector, one for the session, stopped at its end."""
+    with EmbeddedPostgres(tmp_path_factory.mktemp("pgdata")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def database(postgres: EmbeddedPostgres, request: pytest.FixtureRequest) -> Iterator[str]:
+    """The DSN of a fresh database for one test module, dropped after it."""
+    module = re.sub(r"\W", "_", request.module.__name__.rsplit(".", 1)[-1])
+    name = f"{module}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(postgres.dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield postgres.dsn_for(name)
+    with psycopg.connect(postgres.dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
