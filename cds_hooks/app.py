@@ -4,6 +4,8 @@ Routes:
 
 * ``GET /cds-services``: discovery, with an ``ETag`` and private caching.
 * ``POST /cds-services/{id}``: a service call; answers cards (:mod:`cds_hooks.calls`).
+* ``POST /cds-services/{id}/feedback``: what users did with the cards, recorded in the card
+  ledger (:mod:`cds_hooks.feedback`); 422 for feedback on a card the service did not issue.
 
 Every route requires a verified JWT (:mod:`cds_hooks.auth`) whose ``aud`` is the URL called,
 unless the deployment runs in insecure development mode, which logs a warning on every request.
@@ -35,6 +37,7 @@ from fastapi.responses import JSONResponse
 
 from cds_hooks.auth import AuthenticationError, Authenticator, VerifiedClient
 from cds_hooks.calls import Caller, CallRejected, answer_call
+from cds_hooks.feedback import answer_feedback
 from cds_hooks.outcomes import operation_outcome
 from cds_hooks.services import PATIENT_VIEW, ServiceDefinition
 
@@ -211,6 +214,18 @@ def create_app(
         body = await _body(request, runtime.caller.policy.max_body_bytes)
         try:
             answer = await answer_call(service, body, runtime.caller, client=client)
+        except CallRejected as rejected:
+            return operation_outcome(rejected.status, rejected.code, rejected.diagnostics)
+        return JSONResponse(answer.body, status_code=answer.status)
+
+    @app.post("/cds-services/{service_id}/feedback")
+    async def feedback(service_id: str, request: Request, runtime: RuntimeDep) -> Response:
+        client = await _authenticate(request, runtime, f"/cds-services/{service_id}/feedback")
+        if not any(s.id == service_id for s in runtime.services):
+            return operation_outcome(404, "not-found", f"no CDS service {service_id!r}")
+        body = await _body(request, runtime.caller.policy.max_body_bytes)
+        try:
+            answer = await answer_feedback(service_id, body, runtime.caller, client=client)
         except CallRejected as rejected:
             return operation_outcome(rejected.status, rejected.code, rejected.diagnostics)
         return JSONResponse(answer.body, status_code=answer.status)

@@ -4,25 +4,39 @@ A service is a hook, an id, words for the EHR's administrators, prefetch templat
 against the spec when the service is defined, see :mod:`cds_hooks.prefetch`), and the handler
 that turns a validated call into a brief. The templates use only the spec's recommended query
 subset, so that any conformant EHR can fill them.
+
+The order services (``order-select``, ``order-sign``) answer only for draft chest X-ray and chest
+CT orders, and with no card for anything else. Reading the draft orders is FHIR work, so it is
+the deployment that hands them the reader (:class:`ImagingOrderReader`, implemented in
+``adapters/fhir/orders.py``): this package stays free of adapters.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cds_hooks.prefetch import PrefetchTemplate
-from cds_hooks.requests import TOKEN_FIELDS, PatientViewContext
+from cds_hooks.requests import (
+    TOKEN_FIELDS,
+    OrderSelectContext,
+    OrderSignContext,
+    PatientViewContext,
+)
 from core.advisor import Advisor
 from core.ports import ClinicalRecords
-from core.types import Brief
+from core.types import Brief, ImagingOrders
 
 __all__ = [
     "LABS_PREFETCH_KEY",
     "PATIENT_VIEW",
     "HookHandler",
+    "ImagingOrderReader",
     "ServiceDefinition",
+    "order_select_service",
+    "order_sign_service",
     "prefetch_templates",
 ]
 
@@ -122,3 +136,95 @@ PATIENT_VIEW = ServiceDefinition(
     prefetch=prefetch_templates(PATIENT_PREFETCH),
     usage_requirements=_USAGE,
 )
+
+
+class ImagingOrderReader(Protocol):
+    """Reads the draft chest imaging orders of an order hook's ``draftOrders``.
+
+    Implementations skip what they cannot read and say why in ``ImagingOrders.skipped``; the
+    call's context has already been checked to hold a Bundle of JSON objects.
+    """
+
+    def __call__(
+        self,
+        draft_orders: Mapping[str, Any],
+        *,
+        patient_id: str,
+        selections: Sequence[str] | None = None,
+    ) -> ImagingOrders: ...
+
+
+def _order_handler(read_orders: ImagingOrderReader) -> HookHandler:
+    """The handler of both order hooks: a brief for the call's chest imaging orders, or no card.
+
+    ``order-select`` considers only the selected orders, ``order-sign`` all of them. Several
+    chest imaging orders make one brief, searched with all their reasons
+    (:meth:`core.advisor.Advisor.brief_for_orders`). Draft orders that could not be read are
+    listed among the brief's omissions. Without a chest imaging order the patient's record is
+    not even fetched.
+    """
+
+    async def handle(
+        advisor: Advisor,
+        context: OrderSignContext,
+        records: ClinicalRecords,
+        *,
+        deadline: float,
+    ) -> Brief | None:
+        found = read_orders(
+            context.draftOrders.model_dump(),
+            patient_id=context.patientId,
+            selections=context.selections if isinstance(context, OrderSelectContext) else None,
+        )
+        if not found.orders:
+            return None
+        brief = await advisor.brief_for_orders(
+            context.patientId, records, found.orders, deadline=deadline
+        )
+        if found.skipped:
+            brief = dataclasses.replace(brief, omissions=(*brief.omissions, *found.skipped))
+        return brief
+
+    return handle
+
+
+_ORDER_DESCRIPTION = (
+    "For a draft chest X-ray or chest CT order {when}: past cases similar to the patient by chest "
+    "X-ray, laboratory profile and the order's reason, and literature passages on the reason, "
+    "each attributed to its source. No card for other orders. Research software, not a medical "
+    "device."
+)
+
+
+def order_select_service(read_orders: ImagingOrderReader) -> ServiceDefinition:
+    """The ``order-select`` service (``medirag-order-select``): the selected orders only.
+
+    Args:
+        read_orders: reads the chest imaging orders of a call's ``draftOrders``.
+    """
+    return ServiceDefinition(
+        id="medirag-order-select",
+        hook="order-select",
+        title="MediRAG similar cases and literature for a selected chest imaging order",
+        description=_ORDER_DESCRIPTION.format(when="as it is selected"),
+        handler=_order_handler(read_orders),
+        prefetch=prefetch_templates(PATIENT_PREFETCH),
+        usage_requirements=_USAGE,
+    )
+
+
+def order_sign_service(read_orders: ImagingOrderReader) -> ServiceDefinition:
+    """The ``order-sign`` service (``medirag-order-sign``): every draft order of the call.
+
+    Args:
+        read_orders: reads the chest imaging orders of a call's ``draftOrders``.
+    """
+    return ServiceDefinition(
+        id="medirag-order-sign",
+        hook="order-sign",
+        title="MediRAG similar cases and literature for chest imaging orders being signed",
+        description=_ORDER_DESCRIPTION.format(when="about to be signed"),
+        handler=_order_handler(read_orders),
+        prefetch=prefetch_templates(PATIENT_PREFETCH),
+        usage_requirements=_USAGE,
+    )

@@ -2,7 +2,9 @@
 
 :class:`Advisor` wires the ports together. It asks for the patient's labs and chest images at
 the same time, embeds the images, searches similar cases by image and by labs, builds a
-literature query from what it found, and searches the literature.
+literature query from what it found, and searches the literature. For draft chest imaging
+orders (:meth:`Advisor.brief_for_orders`) the orders' reason is a third search leg and the
+literature query (see :mod:`core.orders`).
 
 Every step answers to the call's deadline. Data still outstanding when the time for gathering
 is up is cut: missing images leave the image leg out and say so; missing labs are the caller's
@@ -14,12 +16,13 @@ therefore never turns into a timeout at the EHR.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from core.errors import SourceUnavailable
 from core.labs import lab_profile
+from core.orders import no_reason_note, order_reasons, reason_basis
 from core.ports import (
     CaseIndex,
     ClinicalRecords,
@@ -36,9 +39,19 @@ from core.retrieval import (
     lab_leg,
     literature_query,
     merge_legs,
+    reason_leg,
+    reason_literature_query,
     search_literature,
 )
-from core.types import Brief, ImagingResult, LabProfile, PassageHit, Vector
+from core.types import (
+    Brief,
+    CaseHit,
+    ImagingOrder,
+    ImagingResult,
+    LabProfile,
+    PassageHit,
+    Vector,
+)
 
 __all__ = ["Advisor", "AdvisorSettings", "Gathered"]
 
@@ -226,14 +239,93 @@ class Advisor:
         patient_ref = f"Patient/{patient_id}"
         gathered = await self.gather(patient_id, records, deadline=deadline)
         legs, notes = await self.patient_legs(patient_ref, gathered)
+        cases = self._merge(legs, patient_ref)
+        query = literature_query(cases, gathered.labs)
+        return await self._with_literature(
+            patient_ref,
+            cases,
+            query,
+            CASES_AND_LABS_BASIS,
+            [*gathered.omissions, *notes],
+            deadline=deadline,
+        )
+
+    async def brief_for_orders(
+        self,
+        patient_id: str,
+        records: ClinicalRecords,
+        orders: Sequence[ImagingOrder],
+        *,
+        deadline: float | None = None,
+    ) -> Brief:
+        """Retrieve similar cases and literature for a patient's draft chest imaging orders.
+
+        The orders' reasons add a third case-search leg (``reason``: each reason embedded by
+        the image model's text tower, matched against the cases' recorded findings) to the
+        patient's image and lab legs, and are the literature search text, with the patient's
+        abnormal labs. Orders that give no reason get :meth:`brief`'s search, and the brief
+        says so.
+
+        Args:
+            patient_id: the FHIR id of the patient in context.
+            records: where this request's clinical data comes from (prefetch, FHIR server).
+            orders: the chest imaging orders, at least one.
+            deadline: the event loop time by which the brief must be done; ``None`` for no
+                limit. A reason search that cannot finish by then is left out and said so.
+
+        Raises:
+            SourceUnavailable: the patient's laboratory results could not be obtained.
+        """
+        patient_ref = f"Patient/{patient_id}"
+        gathered = await self.gather(patient_id, records, deadline=deadline)
+        legs, notes = await self.patient_legs(patient_ref, gathered)
         omissions = [*gathered.omissions, *notes]
-        cases = merge_legs(
+        reasons = order_reasons(orders)
+        if not reasons:
+            omissions.append(no_reason_note(orders))
+            cases = self._merge(legs, patient_ref)
+            query = literature_query(cases, gathered.labs)
+            return await self._with_literature(
+                patient_ref, cases, query, CASES_AND_LABS_BASIS, omissions, deadline=deadline
+            )
+        try:
+            legs.append(await _before(deadline, self._reason_leg(reasons, patient_ref)))
+        except TimeoutError:
+            omissions.append("reason search not run: the call's time budget ran out")
+        return await self._with_literature(
+            patient_ref,
+            self._merge(legs, patient_ref),
+            reason_literature_query(reasons, gathered.labs),
+            reason_basis(orders, gathered.labs),
+            omissions,
+            deadline=deadline,
+        )
+
+    async def _reason_leg(self, reasons: Sequence[str], patient_ref: str) -> LegResult:
+        vectors = await self.image_model.embed_findings(list(reasons))
+        return await reason_leg(
+            vectors, patient_ref=patient_ref, index=self.cases, k=self.settings.cases.leg_k
+        )
+
+    def _merge(self, legs: Sequence[LegResult], patient_ref: str) -> tuple[CaseHit, ...]:
+        return merge_legs(
             legs,
             patient_ref=patient_ref,
             k=self.settings.cases.k,
             rrf_k=self.settings.cases.rrf_k,
         )
-        query = literature_query(cases, gathered.labs)
+
+    async def _with_literature(
+        self,
+        patient_ref: str,
+        cases: tuple[CaseHit, ...],
+        query: str | None,
+        basis: str,
+        omissions: list[str],
+        *,
+        deadline: float | None,
+    ) -> Brief:
+        """The brief: ``cases``, and literature for ``query`` (built from ``basis``)."""
         passages: tuple[PassageHit, ...] = ()
         if query is None:
             omissions.append(
@@ -248,7 +340,7 @@ class Advisor:
             cases=cases,
             passages=passages,
             literature_query=query,
-            literature_basis=CASES_AND_LABS_BASIS if query else None,
+            literature_basis=basis if query else None,
             omissions=tuple(omissions),
             models=(self.image_model.card, self.text_model.card),
         )

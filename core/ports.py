@@ -93,7 +93,8 @@ class TextEmbedder(Protocol):
 
 @runtime_checkable
 class CaseIndex(Protocol):
-    """Indexed past cases, searchable by fused image+findings vector and by lab profile."""
+    """Indexed past cases, searchable by fused image+findings vector, by recorded findings and by
+    lab profile."""
 
     async def upsert_cases(self, cases: Sequence[IndexedCase]) -> None:
         """Insert or replace cases by ``case_id``; running it twice changes nothing."""
@@ -107,6 +108,13 @@ class CaseIndex(Protocol):
         self, query: Vector, *, k: int, exclude_patient: str
     ) -> Sequence[tuple[CaseRecord, float]]:
         """Cases whose fused vector is closest to an image embedding, with cosine similarity."""
+        ...
+
+    async def nearest_by_findings(
+        self, query: Vector, *, k: int, exclude_patient: str
+    ) -> Sequence[tuple[CaseRecord, float]]:
+        """Cases whose recorded findings' embedding is closest to a text embedded by the image
+        model's text tower (:meth:`ImageEmbedder.embed_findings`), with cosine similarity."""
         ...
 
     async def nearest_by_labs(

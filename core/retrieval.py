@@ -5,7 +5,8 @@ Similar cases come from searches ("legs") that never see each other's scores:
 * the image leg searches the indexed cases' fused image+findings vectors with the query's image
   alone (the query's own findings are never used: that would be circular);
 * the lab leg searches the indexed cases' lab profiles with the query's lab profile;
-* other legs (an order's reason, searched against the cases' recorded findings) work the same.
+* the reason leg searches the indexed cases' recorded findings with a draft order's reason,
+  embedded by the same text tower the findings were (:func:`reason_leg`).
 
 Their rankings are merged by reciprocal rank fusion (:func:`merge_legs`), so a leg with larger
 raw similarities cannot drown the others, and the query's own patient is excluded from all.
@@ -14,7 +15,7 @@ raw similarities cannot drown the others, and the query's own patient is exclude
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -30,6 +31,8 @@ __all__ = [
     "lab_leg",
     "literature_query",
     "merge_legs",
+    "reason_leg",
+    "reason_literature_query",
     "search_literature",
 ]
 
@@ -115,6 +118,20 @@ def merge_legs(
     )
 
 
+async def _best_similarity(
+    vectors: Vector,
+    search: Callable[[Vector], Awaitable[Sequence[tuple[CaseRecord, float]]]],
+) -> tuple[tuple[CaseRecord, float], ...]:
+    """Every case ``search`` finds for any of ``vectors``, once, at its best cosine similarity,
+    most similar first."""
+    best: dict[str, tuple[CaseRecord, float]] = {}
+    for vector in vectors:
+        for record, similarity in await search(vector):
+            if record.case_id not in best or similarity > best[record.case_id][1]:
+                best[record.case_id] = (record, similarity)
+    return tuple(sorted(best.values(), key=lambda hit: hit[1], reverse=True))
+
+
 async def image_leg(
     image_vectors: Vector, *, patient_ref: str, index: CaseIndex, k: int
 ) -> LegResult:
@@ -122,15 +139,33 @@ async def image_leg(
 
     With several images a case ranks by its best similarity to any of them.
     """
-    best: dict[str, tuple[CaseRecord, float]] = {}
-    for vector in image_vectors:
-        for record, similarity in await index.nearest_by_image(
-            vector, k=k, exclude_patient=patient_ref
-        ):
-            if record.case_id not in best or similarity > best[record.case_id][1]:
-                best[record.case_id] = (record, similarity)
-    hits = sorted(best.values(), key=lambda hit: hit[1], reverse=True)
-    return LegResult(name="image", metric="cos", hits=tuple(hits))
+    hits = await _best_similarity(
+        image_vectors,
+        lambda vector: index.nearest_by_image(vector, k=k, exclude_patient=patient_ref),
+    )
+    return LegResult(name="image", metric="cos", hits=hits)
+
+
+async def reason_leg(
+    reason_vectors: Vector, *, patient_ref: str, index: CaseIndex, k: int
+) -> LegResult:
+    """Cases whose recorded findings are nearest to an order's reasons (cosine, in the image
+    model's text space, where the cases' findings are indexed).
+
+    With several reasons (several orders) a case ranks by its best similarity to any of them,
+    as in :func:`image_leg`.
+
+    Args:
+        reason_vectors: the reasons embedded by the image model's text tower, shape ``(N, D)``.
+        patient_ref: the query patient, whose own cases are excluded.
+        index: the case index.
+        k: how many cases each reason contributes at most.
+    """
+    hits = await _best_similarity(
+        reason_vectors,
+        lambda vector: index.nearest_by_findings(vector, k=k, exclude_patient=patient_ref),
+    )
+    return LegResult(name="reason", metric="cos", hits=hits)
 
 
 async def lab_leg(
@@ -175,10 +210,37 @@ def literature_query(cases: Sequence[CaseHit], labs: LabProfile | None) -> str |
     if counts:
         findings = ", ".join(f.replace("_", " ").lower() for f, _ in counts.most_common(4))
         parts.append(f"chest radiograph findings: {findings}")
-    if labs is not None and labs.abnormal:
-        abnormal = ", ".join(f"{flag} {name.lower()}" for name, flag in labs.abnormal[:4])
-        parts.append(f"laboratory results: {abnormal}")
+    abnormal = _abnormal_labs(labs)
+    if abnormal:
+        parts.append(abnormal)
     return "; ".join(parts) or None
+
+
+def _abnormal_labs(labs: LabProfile | None) -> str | None:
+    """The patient's abnormal labs as a part of a literature query, if there are any."""
+    if labs is None or not labs.abnormal:
+        return None
+    abnormal = ", ".join(f"{flag} {name.lower()}" for name, flag in labs.abnormal[:4])
+    return f"laboratory results: {abnormal}"
+
+
+def reason_literature_query(reasons: Sequence[str], labs: LabProfile | None) -> str:
+    """The text to search literature with for an order: its reasons and the patient's abnormal
+    labs (the similar cases' findings are left out: the reason says what is being looked for).
+
+    Args:
+        reasons: the reasons the orders give, at least one.
+        labs: the patient's lab profile, if any.
+
+    Examples:
+        >>> reason_literature_query(["Cough and fever"], None)
+        'reason for chest imaging: Cough and fever'
+    """
+    parts = [f"reason for chest imaging: {', '.join(reasons)}"]
+    abnormal = _abnormal_labs(labs)
+    if abnormal:
+        parts.append(abnormal)
+    return "; ".join(parts)
 
 
 async def search_literature(

@@ -18,12 +18,15 @@ __all__ = [
     "CaseHit",
     "CaseRecord",
     "ChestImage",
+    "ImagingOrder",
+    "ImagingOrders",
     "ImagingResult",
     "IndexedCase",
     "LabProfile",
     "LabResult",
     "LegMatch",
     "ModelCard",
+    "OrderModality",
     "Passage",
     "PassageHit",
     "SkippedImage",
@@ -115,6 +118,40 @@ class ImagingResult:
 
     images: tuple[ChestImage, ...] = ()
     skipped: tuple[SkippedImage, ...] = ()
+
+
+OrderModality = Literal["XR", "CT"]
+"""The chest imaging an order asks for: a radiograph (``XR``) or a computed tomography (``CT``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ImagingOrder:
+    """A draft chest imaging order, as far as a brief needs it.
+
+    Args:
+        order_ref: the order (``ServiceRequest/<id>``), or ``None`` when it has no id.
+        modality: what it asks for.
+        reason: why, in the words the order gives (its reason codes' text, or the conditions it
+            names), or ``None`` when it gives none.
+    """
+
+    order_ref: str | None
+    modality: OrderModality
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ImagingOrders:
+    """The chest imaging orders found among a call's draft orders, and what could not be read.
+
+    Args:
+        orders: the chest imaging orders, in the order the call listed them.
+        skipped: for each draft order that could not be read, why (safe to show and log: it
+            names entries and element paths, never values).
+    """
+
+    orders: tuple[ImagingOrder, ...] = ()
+    skipped: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,8 @@
 
 * ``medirag serve``: the CDS Hooks service, configured by ``MEDIRAG_*`` variables.
 * ``medirag demo``: the whole path end to end on the embedded defaults (see deploy/demo.py).
+* ``medirag feedback report``: what clinicians did with the cards issued (see
+  deploy/feedback_report.py).
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from rich.console import Console
 
 from adapters.store.schema import IndexModelMismatch
 from core.errors import SourceUnavailable
+from core.feedback import FeedbackReport
 from deploy.default_models import ExportUnavailable
 from deploy.demo import missing_shared_data, print_result, run_demo
+from deploy.feedback_report import print_report
 from deploy.logs import configure_logging
 from deploy.server import server_config
 from deploy.settings import Settings
@@ -27,6 +31,7 @@ from deploy.wiring import (
     app_for,
     build_runtime,
     open_components,
+    open_ledger,
     trusted_clients,
 )
 
@@ -108,3 +113,28 @@ def demo(
     print_result(result, as_json=as_json, out=Console(soft_wrap=as_json))
     if result.status != 200:
         raise typer.Exit(1)
+
+
+feedback = typer.Typer(no_args_is_help=True, help="Clinicians' feedback on the cards issued.")
+app.add_typer(feedback, name="feedback")
+
+
+@feedback.command("report")
+def feedback_report(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Summarise the card ledger: outcomes by service and card kind, override reasons, and how
+    the cards showing each source fared. Reads MEDIRAG_DSN, else the embedded database in
+    MEDIRAG_DATA_DIR."""
+    settings = Settings()
+    configure_logging("text", level=logging.WARNING)
+
+    async def run() -> FeedbackReport:
+        async with open_ledger(settings) as ledger:
+            return await ledger.report()
+
+    try:
+        report = asyncio.run(run())
+    except _USER_ERRORS as error:
+        raise _fail(error) from None
+    print_report(report, as_json=as_json, out=Console(soft_wrap=as_json))

@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     max_json_depth: int = Field(default=64, ge=8)
     cors_origins: str = ""
+    jwt_leeway_s: float = Field(default=60.0, ge=0, le=300)
+    jwt_max_lifetime_s: float = Field(default=300.0, gt=0, le=3600)
     smart_launch_url: str | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None

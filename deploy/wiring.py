@@ -21,20 +21,30 @@ from fastapi import FastAPI
 from adapters.fhir.bundle_folder import BundleFolderRecords
 from adapters.fhir.client import HttpFhirAccess
 from adapters.fhir.folder_fhir import BundleFolderFhir
+from adapters.fhir.orders import chest_imaging_orders
 from adapters.fhir.prefetch import PrefetchRecords
 from adapters.imaging.archive import DicomArchive
 from adapters.models.clip import OnnxClipEmbedder
 from adapters.models.manifest import ManifestError
 from adapters.models.text import OnnxTextEmbedder
 from adapters.store.embedded import EmbeddedPostgres
+from adapters.store.ledger import PgCardLedger
 from adapters.store.pgvector_store import PgVectorStore
+from adapters.store.replay_guard import PostgresReplayGuard
 from cds_hooks.app import Runtime, create_app
 from cds_hooks.auth import Authenticator, TrustedClient, load_trusted_clients
 from cds_hooks.calls import Caller, CallPolicy
 from cds_hooks.idempotency import HookInstanceCache
-from cds_hooks.services import LABS_PREFETCH_KEY, PATIENT_VIEW
+from cds_hooks.replay import ReplayGuardUnavailable
+from cds_hooks.services import (
+    LABS_PREFETCH_KEY,
+    PATIENT_VIEW,
+    order_select_service,
+    order_sign_service,
+)
 from core.advisor import Advisor, AdvisorSettings
 from core.brief_cards import SmartApp
+from core.errors import SourceUnavailable
 from core.ingestion import FusionWeights
 from core.ports import ClinicalRecords
 from core.retrieval import CaseSearchSettings, LiteratureSearchSettings
@@ -46,6 +56,7 @@ __all__ = [
     "app_for",
     "build_runtime",
     "open_components",
+    "open_ledger",
     "trusted_clients",
 ]
 
@@ -64,6 +75,9 @@ class Components:
         image_model: the image/text model the cases are indexed with.
         text_model: the text model the literature is indexed with.
         store: the case and literature index.
+        ledger: the cards issued and the feedback on them, in the index database.
+        replay_guard: the JWT ids already used, in the index database, so that every process
+            of a deployment refuses a replayed token.
         imaging: the PACS, or the folder of DICOM files.
         bundles: the folder of FHIR bundles, when configured.
         http: the HTTP client shared by FHIR calls and JWK Set fetches.
@@ -73,6 +87,8 @@ class Components:
     image_model: OnnxClipEmbedder
     text_model: OnnxTextEmbedder
     store: PgVectorStore
+    ledger: PgCardLedger
+    replay_guard: PostgresReplayGuard
     imaging: DicomArchive
     bundles: BundleFolderRecords | None
     http: httpx.AsyncClient
@@ -120,6 +136,7 @@ async def open_components(settings: Settings) -> AsyncIterator[Components]:
 
     Raises:
         ConfigurationError: a model, folder or database named by the settings is unusable.
+        SourceUnavailable: the database cannot be reached.
     """
     image_model, text_model = _load_models(settings)
     async with AsyncExitStack() as stack:
@@ -135,6 +152,14 @@ async def open_components(settings: Settings) -> AsyncIterator[Components]:
             text_dim=text_model.dimension,
         )
         stack.push_async_callback(store.close)
+        # After the store, whose migrations create the ledger's tables.
+        ledger = await PgCardLedger.open(dsn)
+        stack.push_async_callback(ledger.close)
+        try:
+            replay_guard = await PostgresReplayGuard.open(dsn)
+        except ReplayGuardUnavailable as error:
+            raise SourceUnavailable("JWT replay memory", str(error)) from error
+        stack.push_async_callback(replay_guard.close)
         imaging = _open_imaging(settings)
         stack.callback(imaging.close)
         bundles = BundleFolderRecords(settings.fhir_bundles) if settings.fhir_bundles else None
@@ -143,11 +168,34 @@ async def open_components(settings: Settings) -> AsyncIterator[Components]:
             image_model=image_model,
             text_model=text_model,
             store=store,
+            ledger=ledger,
+            replay_guard=replay_guard,
             imaging=imaging,
             bundles=bundles,
             http=http,
             fusion=FusionWeights(settings.fusion_image_weight, settings.fusion_findings_weight),
         )
+
+
+@asynccontextmanager
+async def open_ledger(settings: Settings) -> AsyncIterator[PgCardLedger]:
+    """Open the card ledger alone (no models, no index), for reports; close it on exit.
+
+    Raises:
+        ConfigurationError: no ``MEDIRAG_DSN`` and no embedded database in the data directory.
+        SourceUnavailable: the database cannot be reached or holds no ledger yet.
+    """
+    async with AsyncExitStack() as stack:
+        dsn = settings.dsn
+        if not dsn:
+            # Refuse rather than initialise an empty database where none was meant to be.
+            if not (settings.postgres_path / "PG_VERSION").is_file():
+                raise ConfigurationError(
+                    f"no database at {settings.postgres_path}: set MEDIRAG_DSN, or "
+                    "MEDIRAG_DATA_DIR to the data directory the service runs with"
+                )
+            dsn = stack.enter_context(EmbeddedPostgres(settings.postgres_path)).dsn
+        yield await stack.enter_async_context(await PgCardLedger.open(dsn))
 
 
 def _labs_record(value: Mapping[str, Any] | None) -> ClinicalRecords:
@@ -200,7 +248,17 @@ def build_runtime(
         settings: the deployment's settings.
         clients: from :func:`trusted_clients`; ``None`` serves without authentication.
     """
-    authenticator = None if clients is None else Authenticator(clients, http=components.http)
+    authenticator = (
+        None
+        if clients is None
+        else Authenticator(
+            clients,
+            http=components.http,
+            leeway_s=settings.jwt_leeway_s,
+            max_lifetime_s=settings.jwt_max_lifetime_s,
+            replay_guard=components.replay_guard,
+        )
+    )
     advisor = Advisor(
         imaging=components.imaging,
         image_model=components.image_model,
@@ -227,12 +285,17 @@ def build_runtime(
         ),
         cache=HookInstanceCache(),
         smart_app=SmartApp(settings.smart_launch_url) if settings.smart_launch_url else None,
+        ledger=components.ledger,
     )
     return Runtime(
         caller=caller,
         authenticator=authenticator,
         public_base_url=settings.public_base_url,
-        services=(PATIENT_VIEW,),
+        services=(
+            PATIENT_VIEW,
+            order_select_service(chest_imaging_orders),
+            order_sign_service(chest_imaging_orders),
+        ),
     )
 
 

@@ -22,9 +22,11 @@ from typing import Any, TypeVar
 
 import pydantic
 from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.condition import Condition
 from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.operationoutcome import OperationOutcome
 from fhir.resources.R4B.resource import Resource
+from fhir.resources.R4B.servicerequest import ServiceRequest
 
 from core.errors import MedicalDataError
 
@@ -33,7 +35,9 @@ __all__ = [
     "bundle_resources",
     "next_link",
     "parse_bundle",
+    "parse_condition",
     "parse_observation",
+    "parse_service_request",
     "reports_error",
     "resource_type_of",
 ]
@@ -136,6 +140,24 @@ def parse_observation(content: FhirContent) -> Observation:
         InvalidFhirContent: the content is not JSON, not an Observation, or not valid FHIR.
     """
     return _parse(content, Observation)
+
+
+def parse_service_request(content: FhirContent) -> ServiceRequest:
+    """Validate one ServiceRequest (a draft order of a CDS Hooks order hook).
+
+    Raises:
+        InvalidFhirContent: the content is not JSON, not a ServiceRequest, or not valid FHIR.
+    """
+    return _parse(content, ServiceRequest)
+
+
+def parse_condition(content: FhirContent) -> Condition:
+    """Validate one Condition (the reason an order refers to).
+
+    Raises:
+        InvalidFhirContent: the content is not JSON, not a Condition, or not valid FHIR.
+    """
+    return _parse(content, Condition)
 
 
 def parse_bundle(content: FhirContent) -> Bundle:

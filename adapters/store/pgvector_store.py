@@ -5,9 +5,10 @@ One database holds both indexes: :class:`PgVectorStore` implements
 runs the same against the embedded server (:mod:`adapters.store.embedded`) and a regular one.
 
 Searches by the fused image vector and by passage vector use HNSW indexes (cosine distance) and
-are approximate; the search by lab profile is exact (Euclidean distance over the rows that pass
-its filters). The filters of a search (the query's own patient excluded, a minimum number of
-measured tests) are exact ``WHERE`` clauses: an excluded patient is never returned.
+are approximate; the searches by recorded findings (cosine distance) and by lab profile
+(Euclidean distance) are exact scans of the rows that pass their filters. The filters of a search
+(the query's own patient excluded, a minimum number of measured tests) are exact ``WHERE``
+clauses: an excluded patient is never returned.
 
 With pgvector 0.6 an HNSW scan yields at most ``hnsw.ef_search`` candidates, and ``WHERE``
 clauses filter them afterwards (iterative index scans only came with pgvector 0.8). So each
@@ -90,6 +91,15 @@ _NEAREST_BY_IMAGE = """
     FROM cases
     WHERE patient_ref <> %(patient)s
     ORDER BY fused <=> %(query)s
+    LIMIT %(k)s
+"""
+
+_NEAREST_BY_FINDINGS = """
+    SELECT case_id, patient_ref, study_uid, findings, provenance,
+           1 - (findings_embedding <=> %(query)s) AS similarity
+    FROM cases
+    WHERE patient_ref <> %(patient)s
+    ORDER BY findings_embedding <=> %(query)s
     LIMIT %(k)s
 """
 
@@ -434,6 +444,47 @@ class PgVectorStore:
             )
             cursor = await conn.execute(
                 _NEAREST_BY_IMAGE, {"query": vector, "patient": exclude_patient, "k": k}
+            )
+            rows = await cursor.fetchall()
+        return [(CaseRecord(c, p, s, tuple(f), v), float(score)) for c, p, s, f, v, score in rows]
+
+    async def nearest_by_findings(
+        self, query: Vector, *, k: int, exclude_patient: str
+    ) -> list[tuple[CaseRecord, float]]:
+        """Cases whose recorded findings' embedding is closest to a text embedding by cosine
+        distance (an order's reason, embedded by the image model's text tower).
+
+        No index covers ``findings_embedding``, so the search is an exact scan of the cases;
+        it widens ``ef_search`` like :meth:`nearest_by_image` all the same, so that it stays
+        correct if an HNSW index on the column is ever added.
+
+        Args:
+            query: the text's embedding in the image model's space, shape ``(image_dim,)``.
+            k: how many cases at most (1-1000).
+            exclude_patient: the query's patient (``Patient/<id>``); none of its cases is
+                returned.
+
+        Returns:
+            ``(case, cosine similarity)`` pairs, most similar first.
+
+        Raises:
+            ValueError: for a query of the wrong shape, non-finite or all zeros, or a bad ``k``.
+            SourceUnavailable: ``"case index"`` when the database cannot be reached.
+        """
+        _check_k(k)
+        vector = _vector(query, self._models.image_dim, "findings query", directional=True)
+        async with self._transaction(_CASES) as conn:
+            await conn.execute(
+                _EF_SEARCH_EXCLUDING,
+                {
+                    "max_ef_search": MAX_EF_SEARCH,
+                    "ef_search": self._ef_search,
+                    "k": k,
+                    "patient": exclude_patient,
+                },
+            )
+            cursor = await conn.execute(
+                _NEAREST_BY_FINDINGS, {"query": vector, "patient": exclude_patient, "k": k}
             )
             rows = await cursor.fetchall()
         return [(CaseRecord(c, p, s, tuple(f), v), float(score)) for c, p, s, f, v, score in rows]

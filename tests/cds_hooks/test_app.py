@@ -8,10 +8,11 @@ service on the real adapters.
 """
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import httpx
 import numpy as np
@@ -19,6 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from adapters.fhir.prefetch import PrefetchRecords
+from adapters.store.ledger import PgCardLedger
 from cds_hooks.app import Runtime, create_app
 from cds_hooks.auth import Authenticator, TrustedClient
 from cds_hooks.calls import Caller, CallPolicy
@@ -139,6 +141,9 @@ def build(
     policy=None,
     app=None,
     ledger=None,
+    ledger_dsn=None,
+    others=(),
+    services=None,
     cors=(),
 ):
     CountingImaging.calls = 0
@@ -172,12 +177,18 @@ def build(
 
     @asynccontextmanager
     async def runtime():
-        async with httpx.AsyncClient() as http:
-            trusted = {signer.iss: TrustedClient(iss=signer.iss, jwks=signer.jwks)}
+        async with AsyncExitStack() as stack:
+            http = await stack.enter_async_context(httpx.AsyncClient())
+            trusted = {s.iss: TrustedClient(iss=s.iss, jwks=s.jwks) for s in (signer, *others)}
+            serving = caller
+            if ledger_dsn is not None:  # opened on the app's event loop, as the service does
+                opened = await stack.enter_async_context(await PgCardLedger.open(ledger_dsn))
+                serving = dataclasses.replace(caller, ledger=opened)
             yield Runtime(
-                caller=caller,
+                caller=serving,
                 authenticator=None if insecure else Authenticator(trusted, http=http),
                 public_base_url=BASE,
+                **({} if services is None else {"services": services}),
             )
 
     return create_app(runtime, cors_origins=cors), caller

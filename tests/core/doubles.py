@@ -37,6 +37,14 @@ class MemoryCases:
         ]
         return sorted(rows, key=lambda r: r[1], reverse=True)[:k]
 
+    async def nearest_by_findings(self, query, *, k, exclude_patient):
+        rows = [
+            (c.record, float(np.dot(normalize(query), normalize(c.findings))))
+            for c in self.cases.values()
+            if self.leak_patient or c.record.patient_ref != exclude_patient
+        ]
+        return sorted(rows, key=lambda r: r[1], reverse=True)[:k]
+
     async def nearest_by_labs(self, query, *, k, exclude_patient, min_measured):
         rows = [
             (c.record, float(np.linalg.norm(query - c.labs.vector)))

@@ -10,7 +10,7 @@ from core.advisor import Advisor, AdvisorSettings
 from core.errors import SourceUnavailable
 from core.ingestion import CaseSource, FusionWeights, ingest_cases, ingest_passages
 from core.labs import LAB_PANEL
-from core.types import CaseRecord, ChestImage, LabResult, Passage
+from core.types import CaseRecord, ChestImage, ImagingOrder, LabResult, Passage
 from tests.core.doubles import (
     FixedImaging,
     FixedRecords,
@@ -225,3 +225,64 @@ async def test_literature_is_left_out_when_time_runs_out(world):
     assert brief.cases
     assert brief.passages == ()
     assert "literature not searched: the call's time budget ran out" in brief.omissions
+
+
+XR_FOR_CARDIOMEGALY = ImagingOrder("ServiceRequest/1", "XR", "Cardiomegaly")
+
+
+async def test_an_orders_reason_is_a_case_leg_and_the_literature_query(world):
+    advisor = await advisor_for(world)
+    brief = await advisor.brief_for_orders("query", world[1], [XR_FOR_CARDIOMEGALY])
+    by_case = {h.case.case_id: h for h in brief.cases}
+    assert set(by_case) == {"case-p1", "case-p2", "case-p3"}
+    assert all(h.leg("image") and h.leg("labs") and h.leg("reason") for h in brief.cases)
+    assert by_case["case-p3"].leg("reason").rank == 1  # the one case recorded with cardiomegaly
+    assert brief.literature_query.startswith("reason for chest imaging: Cardiomegaly")
+    assert brief.literature_basis == "the reason given for the chest X-ray order"
+    assert brief.omissions == ()
+
+
+async def test_the_reason_leg_excludes_the_patient_too(world):
+    advisor = await advisor_for(world)
+    brief = await advisor.brief_for_orders("p3", world[1], [XR_FOR_CARDIOMEGALY])
+    assert "Patient/p3" not in {h.case.patient_ref for h in brief.cases}
+
+
+async def test_several_orders_search_each_distinct_reason(world):
+    advisor = await advisor_for(world)
+    orders = [
+        XR_FOR_CARDIOMEGALY,
+        ImagingOrder("ServiceRequest/2", "CT", "effusion"),
+        ImagingOrder("ServiceRequest/3", "CT", "  cardiomegaly "),
+    ]
+    brief = await advisor.brief_for_orders("query", world[1], orders)
+    assert brief.literature_query.startswith("reason for chest imaging: Cardiomegaly, effusion")
+    assert brief.literature_basis == "the reason given for the chest X-ray and chest CT orders"
+
+
+async def test_orders_without_a_reason_get_the_patient_search_and_say_so(world):
+    advisor = await advisor_for(world)
+    brief = await advisor.brief_for_orders("query", world[1], [ImagingOrder(None, "CT")])
+    assert all(h.leg("reason") is None for h in brief.cases)
+    assert "effusion" in brief.literature_query  # from the similar cases' findings
+    assert brief.omissions == (
+        "no reason given for the chest CT order: cases and literature found without one",
+    )
+
+
+class SlowFindings(MeanImageModel):
+    async def embed_findings(self, texts):
+        await asyncio.sleep(3600)
+
+
+async def test_a_reason_search_past_the_deadline_is_left_out(world):
+    advisor = await advisor_for(world)
+    advisor = dataclasses.replace(advisor, image_model=SlowFindings())
+    started = time.perf_counter()
+    brief = await advisor.brief_for_orders(
+        "query", world[1], [XR_FOR_CARDIOMEGALY], deadline=deadline_in(0.5)
+    )
+    assert time.perf_counter() - started < 0.6
+    assert brief.cases  # by image and labs
+    assert all(h.leg("reason") is None for h in brief.cases)
+    assert "reason search not run: the call's time budget ran out" in brief.omissions

@@ -168,11 +168,11 @@ def server(cold, env, shared_data, signer, tmp_path_factory):
         process.wait(timeout=30)
 
 
-def post(server, signer, body, token=None):
+def post(server, signer, body, token=None, path=SERVICE):
     base, _ = server
-    token = token or signer.token(base + SERVICE)
+    token = token or signer.token(base + path)
     return httpx.post(
-        base + SERVICE, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=60
+        base + path, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=60
     )
 
 
@@ -258,3 +258,60 @@ def test_service_log_is_json_without_patient_ids_or_tokens(server, signer, patie
     text = log.read_text()
     assert patient not in text
     assert "e2e-secret-token" not in text
+
+
+def test_order_sign_for_a_chest_xray_then_feedback_on_its_card(server, signer, env, patient):
+    order = {
+        "resourceType": "ServiceRequest",
+        "id": "draft-cxr",
+        "status": "draft",
+        "intent": "order",
+        "subject": {"reference": f"Patient/{patient}"},
+        "code": {"coding": [{"system": "http://loinc.org", "code": "36643-5"}]},
+        "reasonCode": [{"text": "Shortness of breath, suspected pleural effusion"}],
+    }
+    context = {
+        "userId": "Practitioner/e2e",
+        "patientId": patient,
+        "draftOrders": {
+            "resourceType": "Bundle",
+            "type": "collection",
+            "entry": [{"resource": order}],
+        },
+    }
+    body = {"hook": "order-sign", "hookInstance": str(uuid.uuid4()), "context": context}
+    sign = "/cds-services/medirag-order-sign"
+    response = post(server, signer, body, path=sign)
+    assert response.status_code == 200, response.text
+    cards = response.json()["cards"]
+    check_cards(cards, excluded_case=own_case_id(env, patient))
+    by_source = {c["source"]["label"]: c for c in cards}
+    cases = by_source["MediRAG CDS similar-case index"]
+    assert "Reason rank" in cases["detail"]
+    assert "the reason given for the chest X-ray order" in by_source["PubMed abstracts"]["detail"]
+
+    feedback = {
+        "feedback": [
+            {
+                "card": cases["uuid"],
+                "outcome": "overridden",
+                "overrideReason": {"userComment": "not helpful here"},
+                "outcomeTimestamp": "2026-11-23T10:00:00Z",
+            }
+        ]
+    }
+    recorded = post(server, signer, feedback, path=sign + "/feedback")
+    assert (recorded.status_code, recorded.json()) == (200, {})
+    report = subprocess.run(
+        [MEDIRAG, "feedback", "report", "--json"], env=env, capture_output=True, text=True
+    )
+    assert report.returncode == 0, report.stderr
+    kinds = {(k["service_id"], k["kind"]): k for k in json.loads(report.stdout)["kinds"]}
+    assert kinds[("medirag-order-sign", "cases")]["overridden"] >= 1
+
+
+def test_a_replayed_token_is_401_across_the_service(server, signer, patient):
+    token = signer.token(server[0] + SERVICE)
+    assert post(server, signer, call(patient), token=token).status_code == 200
+    replayed = post(server, signer, call(patient), token=token)
+    assert (replayed.status_code, replayed.content) == (401, b"")

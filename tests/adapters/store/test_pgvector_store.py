@@ -158,6 +158,30 @@ async def test_image_search_ranks_by_cosine_and_never_returns_the_excluded_patie
     assert all(case.patient_ref != "Patient/a" for case, _ in everything)
 
 
+async def test_findings_search_ranks_by_cosine_of_the_findings_vectors_only(
+    store: PgVectorStore,
+) -> None:
+    rng = np.random.default_rng(4)
+    cases = [
+        _case(f"{patient}-{i}", f"Patient/{patient}", _unit(rng, IMAGE_DIM))
+        for patient in ("a", "b")
+        for i in range(5)
+    ]
+    await store.upsert_cases(cases)
+    query = cases[7].findings  # _case stores -fused as the findings vector
+
+    hits = await store.nearest_by_findings(query, k=3, exclude_patient="Patient/a")
+    others = [c for c in cases if c.record.patient_ref != "Patient/a"]
+    expected = sorted(others, key=lambda c: -_cosine(query, c.findings))[:3]
+    assert [case for case, _ in hits] == [c.record for c in expected]
+    assert hits[0][0] == cases[7].record
+    assert [s for _, s in hits] == pytest.approx(
+        [_cosine(query, c.findings) for c in expected], abs=1e-5
+    )
+    everything = await store.nearest_by_findings(query, k=50, exclude_patient="Patient/b")
+    assert {case.patient_ref for case, _ in everything} == {"Patient/a"}
+
+
 async def test_lab_search_respects_min_measured_and_excludes_the_patient(
     store: PgVectorStore,
 ) -> None:
