@@ -46,7 +46,7 @@ def late_fuse(image: Vector, findings: Vector, *, w_image: float, w_findings: fl
 
     Examples:
         >>> v = late_fuse(np.array([1.0, 0.0]), np.array([0.0, 1.0]), w_image=1, w_findings=1)
-        >>> np.round(v, 4).tolist()
+        >>> [round(x, 4) for x in v.tolist()]
         [0.7071, 0.7071]
     """
     if w_image < 0 or w_findings < 0 or w_image + w_findings == 0:

@@ -76,7 +76,7 @@ def read_pubmedqa(path: str | os.PathLike[str]) -> list[Passage]:
 
     Example:
         >>> passages = read_pubmedqa("test_set.json")  # doctest: +SKIP
-        >>> passages[0].passage_id, passages[0].section
+        >>> passages[0].passage_id, passages[0].section  # doctest: +SKIP
         ('12377809:0', 'AIMS')
     """
     passages: list[Passage] = []
