@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 
-from cds_hooks.auth import Authenticator
+from cds_hooks.auth import AuthenticationError, Authenticator
 from deploy.ehr_simulator import DemoEhr
 from deploy.settings import Settings
 from deploy.wiring import (
@@ -81,6 +81,31 @@ async def test_runtime_authenticates_unless_insecure(components, tmp_path):
     runtime = build_runtime(opened, settings, clients)
     assert isinstance(runtime.authenticator, Authenticator)
     assert runtime.public_base_url == settings.public_base_url
+    assert [s.id for s in runtime.services] == [
+        "medirag-patient-view",
+        "medirag-order-select",
+        "medirag-order-sign",
+    ]
+    assert runtime.caller.ledger is opened.ledger
+
+
+async def test_a_token_used_once_is_refused_by_a_second_runtime(components, tmp_path):
+    # Two runtimes over one database stand for two service processes behind a load balancer.
+    settings, opened = components
+    ehr = DemoEhr.load_or_create(tmp_path / "ehr")
+    clients = trusted_clients(settings.model_copy(update={"clients": ehr.clients_file}))
+    first = build_runtime(opened, settings, clients).authenticator
+    second = build_runtime(opened, settings, clients).authenticator
+    audience = settings.public_base_url + "/cds-services"
+    header = f"Bearer {ehr.sign(audience)}"
+    await first.authenticate(header, audience)
+    with pytest.raises(AuthenticationError, match="replayed jti"):
+        await second.authenticate(header, audience)
+    strict = settings.model_copy(update={"jwt_max_lifetime_s": 60.0})
+    with pytest.raises(AuthenticationError, match="lifetime"):
+        await build_runtime(opened, strict, clients).authenticator.authenticate(
+            f"Bearer {ehr.sign(audience, lifetime_s=120)}", audience
+        )
 
 
 async def test_missing_models_say_how_to_get_them(tmp_path):
