@@ -34,6 +34,7 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from cds_hooks.auth import AuthenticationError, Authenticator, VerifiedClient
 from cds_hooks.calls import Caller, CallRejected, answer_call
@@ -189,6 +190,19 @@ def create_app(
     @app.exception_handler(_Unauthorized)
     async def unauthorized(request: Request, error: _Unauthorized) -> Response:
         return Response(status_code=401, headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(HTTPException)
+    async def routing_error(request: Request, error: HTTPException) -> Response:
+        # Paths and methods the service does not have: an OperationOutcome like every other
+        # error, instead of the framework's own body.
+        if error.status_code == 405:
+            answer = operation_outcome(405, "not-supported", f"{request.method} not allowed here")
+        elif error.status_code == 404:
+            answer = operation_outcome(404, "not-found", "no such endpoint")
+        else:
+            answer = operation_outcome(error.status_code, "processing", "request refused")
+        answer.headers.update(error.headers or {})
+        return answer
 
     @app.exception_handler(_TooLarge)
     async def too_large(request: Request, error: _TooLarge) -> Response:

@@ -146,15 +146,22 @@ async def _compute(
         if call.fhirAuthorization is not None
         else None
     )
-    fetcher = (
-        caller.fhir.fetcher(call.fhirServer, token) if call.fhirServer else caller.default_fhir
-    )
+    # The spec lets a service use the client's FHIR server only with the access token the
+    # client grants; a call naming a server without one gets nothing fetched from it (and not
+    # the deployment's own source either: the call said where its data lives).
+    fetcher: FhirFetcher | None = caller.default_fhir
+    no_fetcher = "no FHIR server to ask"
+    if call.fhirServer and token is not None:
+        fetcher = caller.fhir.fetcher(call.fhirServer, token)
+    elif call.fhirServer:
+        fetcher, no_fetcher = None, "no fhirAuthorization to ask fhirServer with"
     resolver = PrefetchResolver(
         service.prefetch,
         call.prefetch,
         context=call.context,
         user_id=context.userId,
         fetcher=fetcher,
+        no_fetcher=no_fetcher,
     )
     try:
         async with asyncio.timeout_at(deadline + _GRACE_S / 2):
@@ -179,7 +186,12 @@ async def _compute(
     omitted = tuple(f"prefetch '{key}' left out: {why}" for key, why in resolver.omitted)
     if omitted:
         brief = dataclasses.replace(brief, omissions=(*brief.omissions, *omitted))
-    issued = brief_cards(brief, instance=str(call.hookInstance), app=caller.smart_app)
+    issued = brief_cards(
+        brief,
+        instance=str(call.hookInstance),
+        app=caller.smart_app,
+        scope=f"{service.id}|{client}",
+    )
     if caller.ledger is not None:
         try:
             await caller.ledger.record_issued(

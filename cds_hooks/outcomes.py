@@ -13,7 +13,14 @@ from fastapi.responses import JSONResponse
 __all__ = ["IssueCode", "operation_outcome"]
 
 IssueCode = Literal[
-    "invalid", "not-found", "processing", "exception", "too-costly", "conflict", "timeout"
+    "invalid",
+    "not-found",
+    "not-supported",
+    "processing",
+    "exception",
+    "too-costly",
+    "conflict",
+    "timeout",
 ]
 """The FHIR IssueType codes the service answers with."""
 

@@ -73,7 +73,7 @@ class FhirFetcher(Protocol):
 class FhirAccess(Protocol):
     """Makes fetchers for the FHIR servers that calls name."""
 
-    def fetcher(self, base_url: str, access_token: str | None) -> FhirFetcher:
+    def fetcher(self, base_url: str, access_token: str) -> FhirFetcher:
         """A fetcher for ``base_url`` presenting ``access_token``; the token is never stored."""
         ...
 
@@ -213,6 +213,7 @@ class PrefetchResolver:
         user_id: the call's ``context.userId``.
         fetcher: the call's FHIR server (or the deployment's default), ``None`` when there is
             none to ask.
+        no_fetcher: why there is none, for the 412 or the omission (default: no server).
     """
 
     def __init__(
@@ -223,12 +224,14 @@ class PrefetchResolver:
         context: Mapping[str, Any],
         user_id: str,
         fetcher: FhirFetcher | None,
+        no_fetcher: str = "no FHIR server to ask",
     ) -> None:
         self._templates = templates
         self._given = prefetch or {}
         self._context = context
         self._user_id = user_id
         self._fetcher = fetcher
+        self._no_fetcher = no_fetcher
         self._tasks: dict[str, asyncio.Task[dict[str, Any] | None]] = {}
         self.fetched: list[str] = []
         self.omitted: list[tuple[str, str]] = []
@@ -260,7 +263,7 @@ class PrefetchResolver:
         why = "not prefetched" if key not in self._given else "the client could not prefetch it"
         query = template.render(self._context, user_id=self._user_id)
         if self._fetcher is None:
-            reason = f"{why}, and no FHIR server to ask"
+            reason = f"{why}, and {self._no_fetcher}"
         elif query is None:
             reason = f"{why}, and the call lacks a value its query needs"
         else:

@@ -63,9 +63,9 @@ def _finding(name: str) -> str:
     return name.replace("_", " ")
 
 
-def _card_uuid(instance: str, kind: str) -> str:
+def _card_uuid(seed: str, kind: str) -> str:
     # Derived, not random: a retried hook call returns the same card ids.
-    return str(uuid.uuid5(_CARD_NAMESPACE, f"{instance}/{kind}"))
+    return str(uuid.uuid5(_CARD_NAMESPACE, f"{seed}/{kind}"))
 
 
 def _footer(brief: Brief) -> str:
@@ -113,7 +113,7 @@ def _app_link(app: SmartApp, brief: Brief, instance: str) -> Link:
     )
 
 
-def _cases_card(brief: Brief, instance: str, app: SmartApp | None) -> IssuedCard:
+def _cases_card(brief: Brief, instance: str, seed: str, app: SmartApp | None) -> IssuedCard:
     counts = Counter(_finding(f) for hit in brief.cases for f in hit.case.findings)
     tally = ", ".join(f"{name} {n}" for name, n in counts.most_common())
     legs = _legs_used(brief)
@@ -136,7 +136,7 @@ def _cases_card(brief: Brief, instance: str, app: SmartApp | None) -> IssuedCard
         ]
     )
     card = Card(
-        uuid=_card_uuid(instance, "cases"),
+        uuid=_card_uuid(seed, "cases"),
         summary=_fit(summary),
         detail=detail,
         indicator="info",
@@ -160,7 +160,7 @@ def _passage_item(i: int, hit: PassageHit) -> str:
     return f"{head}\n\n   > {_md(_fit(p.text, 400))}"
 
 
-def _literature_card(brief: Brief, instance: str) -> IssuedCard:
+def _literature_card(brief: Brief, seed: str) -> IssuedCard:
     query = brief.literature_query or ""
     basis = (
         f" The search text is built from {_md(brief.literature_basis)}."
@@ -178,7 +178,7 @@ def _literature_card(brief: Brief, instance: str) -> IssuedCard:
     )
     pmids = list(dict.fromkeys(hit.passage.pmid for hit in brief.passages))
     card = Card(
-        uuid=_card_uuid(instance, "literature"),
+        uuid=_card_uuid(seed, "literature"),
         summary=_fit(f"{len(brief.passages)} PubMed passages on {query}"),
         detail=detail,
         indicator="info",
@@ -190,7 +190,7 @@ def _literature_card(brief: Brief, instance: str) -> IssuedCard:
     return IssuedCard(card=card, kind="literature", sources=tuple(f"pmid:{p}" for p in pmids))
 
 
-def _omissions_card(brief: Brief, instance: str) -> IssuedCard:
+def _omissions_card(brief: Brief, seed: str) -> IssuedCard:
     detail = "\n".join(
         [
             "Parts of this result could not be computed:",
@@ -201,7 +201,7 @@ def _omissions_card(brief: Brief, instance: str) -> IssuedCard:
         ]
     )
     card = Card(
-        uuid=_card_uuid(instance, "omissions"),
+        uuid=_card_uuid(seed, "omissions"),
         summary=_fit(f"Partial result: {'; '.join(brief.omissions)}"),
         detail=detail,
         indicator="info",
@@ -210,7 +210,9 @@ def _omissions_card(brief: Brief, instance: str) -> IssuedCard:
     return IssuedCard(card=card, kind="omissions")
 
 
-def brief_cards(brief: Brief, *, instance: str, app: SmartApp | None = None) -> list[IssuedCard]:
+def brief_cards(
+    brief: Brief, *, instance: str, app: SmartApp | None = None, scope: str = ""
+) -> list[IssuedCard]:
     """Turn a brief into cards: similar cases, literature, and what was left out.
 
     Args:
@@ -219,15 +221,19 @@ def brief_cards(brief: Brief, *, instance: str, app: SmartApp | None = None) -> 
             the same uuids.
         app: the SMART app showing the full brief; when given, the cases card links to it with
             an ``appContext`` naming the retrieved cases and passages.
+        scope: what else tells calls apart (the service and the client), mixed into the card
+            uuids so that two services or two clients that use one ``hookInstance`` still get
+            distinct cards.
 
     Returns:
         Zero to three cards; no card for a part that found nothing and left nothing out.
     """
+    seed = f"{scope}|{instance}" if scope else instance
     cards: list[IssuedCard] = []
     if brief.cases:
-        cards.append(_cases_card(brief, instance, app))
+        cards.append(_cases_card(brief, instance, seed, app))
     if brief.passages:
-        cards.append(_literature_card(brief, instance))
+        cards.append(_literature_card(brief, seed))
     if brief.omissions:
-        cards.append(_omissions_card(brief, instance))
+        cards.append(_omissions_card(brief, seed))
     return cards

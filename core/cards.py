@@ -74,7 +74,7 @@ class Coding(_Model):
 
     code: str = Field(min_length=1)
     system: str = Field(min_length=1)
-    display: str | None = None
+    display: str | None = Field(default=None, min_length=1)
 
 
 class OverrideReason(Coding):
@@ -98,7 +98,7 @@ class Link(_Model):
     label: str = Field(min_length=1)
     url: AbsoluteUrl
     type: Literal["absolute", "smart"]
-    appContext: str | None = None
+    appContext: str | None = Field(default=None, min_length=1)
     autolaunchable: bool | None = None
 
     @model_validator(mode="after")
@@ -131,7 +131,7 @@ class Suggestion(_Model):
     """A set of actions the clinician may accept together."""
 
     label: str = Field(min_length=1)
-    uuid: str | None = None
+    uuid: str | None = Field(default=None, min_length=1)
     isRecommended: bool | None = None
     actions: list[Action] | None = None
 
@@ -139,9 +139,9 @@ class Suggestion(_Model):
 class Card(_Model):
     """One CDS Hooks card."""
 
-    uuid: str | None = None
+    uuid: str | None = Field(default=None, min_length=1)
     summary: str = Field(min_length=1, max_length=SUMMARY_MAX)
-    detail: str | None = None
+    detail: str | None = Field(default=None, min_length=1)
     indicator: Literal["info", "warning", "critical"]
     source: Source
     suggestions: list[Suggestion] | None = None

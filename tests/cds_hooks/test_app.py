@@ -316,15 +316,26 @@ def test_the_default_fhir_source_answers_calls_without_a_server(signer):
         (call(prefetch=None), "no FHIR server to ask"),
         (call(prefetch={"labs": FAILED}), "no FHIR server to ask"),
         (
-            call(prefetch=None, fhirServer="https://ehr.test/fhir"),
+            call(
+                prefetch=None, fhirServer="https://ehr.test/fhir", fhirAuthorization=AUTHORIZATION
+            ),
             "FHIR server unavailable: connection refused",
         ),
+        (
+            call(prefetch=None, fhirServer="https://ehr.test/fhir"),
+            "no fhirAuthorization to ask fhirServer with",
+        ),
     ],
+    ids=["no-server", "failed-no-server", "server-down", "server-without-token"],
 )
 def test_unobtainable_labs_are_412(signer, body, reason):
-    app, _ = build(signer, fhir=RecordingFhir(failure="connection refused"))
+    fhir = RecordingFhir(failure="connection refused")
+    app, _ = build(signer, fhir=fhir, default_fhir=None)
     with serve(app) as c:
         response = c.post(SERVICE, json=body, headers=auth(signer, SERVICE))
+    # The call's server is asked only with the call's token, and never without one.
+    tokens = [token for _, token in fhir.fetchers]
+    assert tokens == ([SECRET] if "fhirAuthorization" in body else [])
     assert response.status_code == 412
     outcome = response.json()
     assert outcome["resourceType"] == "OperationOutcome"
@@ -338,7 +349,9 @@ def test_a_hanging_fhir_server_is_cut_at_the_deadline(signer):
         started = time.perf_counter()
         response = c.post(
             SERVICE,
-            json=call(prefetch=None, fhirServer="https://ehr.test/fhir"),
+            json=call(
+                prefetch=None, fhirServer="https://ehr.test/fhir", fhirAuthorization=AUTHORIZATION
+            ),
             headers=auth(signer, SERVICE),
         )
         elapsed = time.perf_counter() - started
@@ -438,6 +451,16 @@ def test_unknown_service_is_404(client, signer):
     response = client.post(path, json=call(), headers=auth(signer, path))
     assert response.status_code == 404
     assert response.json()["issue"][0]["code"] == "not-found"
+
+
+def test_unknown_paths_and_methods_are_operation_outcomes(client):
+    missing = client.get("/no/such/path")
+    wrong_method = client.put("/cds-services")
+    assert missing.status_code == 404
+    assert missing.json()["issue"][0]["code"] == "not-found"
+    assert wrong_method.status_code == 405
+    assert wrong_method.json()["issue"][0]["code"] == "not-supported"
+    assert "GET" in wrong_method.headers["allow"]
 
 
 def test_smart_link_and_ledger(signer):

@@ -145,7 +145,15 @@ def empty_pacs(tmp_path):
 
 def test_a_hanging_fhir_server_gets_a_412_within_the_deadline(signer, hanging, empty_pacs):
     app = build(signer, imaging=empty_pacs)
-    response, elapsed = timed_post(app, signer, call(fhirServer=f"{hanging.url}/fhir"))
+    grant = {
+        "access_token": "hanging-server-token",
+        "token_type": "Bearer",
+        "expires_in": 300,
+        "scope": "user/Observation.read",
+        "subject": "medirag",
+    }
+    body = call(fhirServer=f"{hanging.url}/fhir", fhirAuthorization=grant)
+    response, elapsed = timed_post(app, signer, body)
     assert hanging.requests == 1  # the service did ask, and got no answer
     assert response.status_code == 412
     outcome = response.json()

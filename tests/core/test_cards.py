@@ -39,6 +39,15 @@ def test_card_rejects_invalid_shapes():
         Card(summary="two\nlines", indicator="info", source=SOURCE)
     with pytest.raises(ValidationError):
         Card(summary="ok", indicator="info", source=SOURCE, colour="red")
+    for empty in ({"uuid": ""}, {"detail": ""}):  # the spec forbids empty values
+        with pytest.raises(ValidationError):
+            Card(summary="ok", indicator="info", source=SOURCE, **empty)
+    with pytest.raises(ValidationError):
+        Coding(code="c", system="https://s", display="")
+    with pytest.raises(ValidationError):
+        Suggestion(label="s", uuid="")
+    with pytest.raises(ValidationError):
+        Link(label="l", url="https://x", type="smart", appContext="")
 
 
 @pytest.mark.parametrize("url", ["/relative", "pubmed.ncbi.nlm.nih.gov", "javascript:alert(1)", ""])
@@ -132,6 +141,11 @@ def test_card_uuids_are_stable_per_instance():
     assert first == again
     assert not set(first) & set(other)
     assert len(set(first)) == len(first)
+    # Two services or two clients reusing one hookInstance still get distinct cards.
+    scoped = [i.card.uuid for i in brief_cards(brief(), instance="i-1", scope="svc|ehr-a")]
+    elsewhere = [i.card.uuid for i in brief_cards(brief(), instance="i-1", scope="svc|ehr-b")]
+    assert not set(scoped) & set(first)
+    assert not set(scoped) & set(elsewhere)
 
 
 def test_long_summaries_are_cut_at_a_word():
