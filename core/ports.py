@@ -56,10 +56,16 @@ class ImagingArchive(Protocol):
     """
 
     async def chest_images(
-        self, patient_id: str, *, limit: int = 4, study_uid: str | None = None
+        self,
+        patient_id: str,
+        *,
+        limit: int = 4,
+        study_uid: str | None = None,
+        accession_number: str | None = None,
     ) -> ImagingResult:
         """Decoded chest images of the patient, most recent first, at most ``limit``; only
-        those of study ``study_uid`` when it is given."""
+        those of study ``study_uid`` and of the study with AccessionNumber
+        ``accession_number`` when they are given (both must belong to the patient)."""
         ...
 
 

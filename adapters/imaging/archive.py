@@ -2,9 +2,24 @@
 
 :class:`DicomArchive` works through dicomweb-client's ``DICOMClient`` interface, so a PACS over
 DICOMweb (``DICOMwebClient``) and a folder of DICOM files (``DICOMfileClient``, the embedded
-default) are the same code: QIDO-RS finds the patient's studies and their radiograph series
-(modality CR or DX), WADO-RS metadata gives each instance's body part and dates, and WADO-RS
+default) are the same code: QIDO-RS finds the patient's studies (by PatientID, optionally
+narrowed to one StudyInstanceUID or AccessionNumber) and their radiograph series (modality CR or
+DX), WADO-RS metadata gives each instance's body part, dates, size and frame count, and WADO-RS
 retrieves the instances that are worth decoding, most recent first, until ``limit`` images.
+Instances are retrieved as ``application/dicom`` with ``transfer-syntax=*``, so the archive sends
+them as stored instead of transcoding (Orthanc without a transcoder answers 500 to a request for
+another transfer syntax of a JPEG 2000 object).
+
+Size limits are applied to the metadata, before anything is downloaded: an instance whose
+Rows x Columns exceeds ``max_pixels`` or whose NumberOfFrames exceeds ``max_frames`` is skipped
+with a reason and never retrieved (a 10k x 10k object would be hundreds of megabytes). The
+decoder checks the size again on what it receives.
+
+Multi-frame objects: the CR and DX image IODs have no multi-frame module, so a chest radiograph
+is one frame; a few frames in one object are vendor variants (views of one exposure), read
+through their first frame as a viewer shows it first. Many frames are a cine or tomosynthesis
+acquisition, not a radiograph: the frame limit (:data:`MAX_FRAMES` by default) skips those, and
+bounds the download, which is every frame of the object.
 
 What is not used is said, once per series or instance, in ``ImagingResult.skipped``: a series
 whose BodyPartExamined is present and not CHEST or whose metadata the archive refused, an
@@ -16,9 +31,10 @@ A DICOMwebClient retries failed requests by default (5 attempts with exponential
 half a minute) and waits 20 s per request: the caller sets ``set_http_retry_params`` and
 ``timeout`` to fit the request budget.
 
-Two safety checks: QIDO matches PatientID with wildcards (a ``*`` in an id would match other
-patients), so studies are kept only when their PatientID is exactly the one asked for; and
-reasons never include patient identifiers.
+Two safety checks: QIDO matches PatientID and AccessionNumber with wildcards (a ``*`` in an id
+would match other patients), so studies are kept only when their PatientID (and AccessionNumber,
+when asked for) is exactly the one asked for; and reasons never include patient identifiers or
+accession numbers.
 
 dicomweb-client is synchronous. Its calls run on one worker thread owned by the archive, because
 ``DICOMfileClient`` keeps a SQLite connection that only the thread that opened it may use:
@@ -47,16 +63,29 @@ from pydicom import config as pydicom_config
 from pydicom.errors import InvalidDicomError
 from retrying import RetryError
 
-from adapters.imaging.decode import MAX_PIXELS, UndecodableImage, decode_radiograph
+from adapters.imaging.decode import MAX_PIXELS, UndecodableImage, decode_radiograph, size_problem
 from core.errors import SourceUnavailable
 from core.types import ChestImage, ImagingResult, SkippedImage
 
-__all__ = ["RADIOGRAPHY", "DicomArchive", "DicomQueries", "default_index_dir"]
+__all__ = [
+    "AS_STORED",
+    "MAX_FRAMES",
+    "RADIOGRAPHY",
+    "DicomArchive",
+    "DicomQueries",
+    "default_index_dir",
+]
 
 logger = logging.getLogger(__name__)
 
 RADIOGRAPHY = frozenset({"CR", "DX"})
 """The modalities whose series are read (computed and digital radiography)."""
+
+MAX_FRAMES = 4
+"""The most frames an object may have to be retrieved by default (its first frame is used)."""
+
+AS_STORED = (("application/dicom", "*"),)
+"""The WADO-RS media type asked for: the instance in the transfer syntax it was stored in."""
 
 _SOURCE = "imaging"
 
@@ -71,6 +100,8 @@ _STUDY_UID = "0020000D"
 _SERIES_UID = "0020000E"
 _SOP_UID = "00080018"
 _PATIENT_ID = "00100020"
+_ACCESSION = "00080050"
+_ROWS, _COLUMNS, _FRAMES = "00280010", "00280011", "00280008"
 _MODALITY = "00080060"
 _BODY_PART = "00180015"
 _SERIES_NUMBER = "00200011"
@@ -124,8 +155,24 @@ def _failure_reason(error: requests.RequestException | RetryError) -> str:
     if isinstance(error, requests.ConnectionError):
         return "could not connect"
     if error.response is not None:
-        return f"answered HTTP {error.response.status_code}"
+        return _status_reason(error.response)
     return f"request failed ({type(error).__name__})"
+
+
+def _status_reason(response: requests.Response) -> str:
+    status = response.status_code
+    if status == 401:
+        return "answered HTTP 401 (credentials missing or refused)"
+    if status == 403:
+        return "answered HTTP 403 (these credentials may not read the archive)"
+    if status == 429:
+        wait = response.headers.get("Retry-After", "").strip()
+        return (
+            f"answered HTTP 429 (busy; retry after {wait} s)"
+            if wait.isdigit()
+            else ("answered HTTP 429 (busy)")
+        )
+    return f"answered HTTP {status}"
 
 
 class DicomQueries(Protocol):
@@ -153,9 +200,13 @@ class DicomQueries(Protocol):
         ...
 
     def retrieve_instance(
-        self, study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str
+        self,
+        study_instance_uid: str,
+        series_instance_uid: str,
+        sop_instance_uid: str,
+        media_types: tuple[str | tuple[str, str], ...] | None = ...,
     ) -> Dataset:
-        """WADO-RS: one instance."""
+        """WADO-RS: one instance, in one of the media types (and transfer syntaxes) given."""
         ...
 
 
@@ -213,7 +264,9 @@ class DicomArchive:
 
     Args:
         client: a dicomweb-client client (``DICOMwebClient``, ``DICOMfileClient``).
-        max_pixels: larger images are skipped without being decoded.
+        max_pixels: larger images are skipped without being retrieved (judged by their
+            metadata) or decoded.
+        max_frames: objects with more frames are skipped without being retrieved.
         worker: the single thread (``ThreadPoolExecutor(1)``) all of the client's calls run on;
             a new one by default. A client bound to the thread that made it must be made on
             this thread: :meth:`connect` does that.
@@ -229,21 +282,28 @@ class DicomArchive:
         client: DicomQueries,
         *,
         max_pixels: int = MAX_PIXELS,
+        max_frames: int = MAX_FRAMES,
         worker: ThreadPoolExecutor | None = None,
     ) -> None:
         self._client = client
         self._max_pixels = max_pixels
+        self._max_frames = max_frames
         self._worker = worker or ThreadPoolExecutor(1, thread_name_prefix="dicom-archive")
 
     @classmethod
     def connect(
-        cls, open_client: Callable[[], DicomQueries], *, max_pixels: int = MAX_PIXELS
+        cls,
+        open_client: Callable[[], DicomQueries],
+        *,
+        max_pixels: int = MAX_PIXELS,
+        max_frames: int = MAX_FRAMES,
     ) -> DicomArchive:
         """An archive whose client is opened on the archive's worker thread.
 
         Args:
             open_client: makes the client (``lambda: DICOMfileClient(...)``).
-            max_pixels: larger images are skipped without being decoded.
+            max_pixels: larger images are skipped without being retrieved or decoded.
+            max_frames: objects with more frames are skipped without being retrieved.
 
         Raises:
             SourceUnavailable: the client could not be opened.
@@ -256,7 +316,7 @@ class DicomArchive:
             raise SourceUnavailable(
                 _SOURCE, f"could not open the archive ({type(error).__name__})"
             ) from error
-        return cls(client, max_pixels=max_pixels, worker=worker)
+        return cls(client, max_pixels=max_pixels, max_frames=max_frames, worker=worker)
 
     @classmethod
     def from_folder(
@@ -265,6 +325,7 @@ class DicomArchive:
         *,
         index_dir: str | os.PathLike[str] | None = None,
         max_pixels: int = MAX_PIXELS,
+        max_frames: int = MAX_FRAMES,
     ) -> DicomArchive:
         """An archive over a folder of DICOM files (searched recursively).
 
@@ -280,7 +341,8 @@ class DicomArchive:
             folder: the folder of DICOM files; only read.
             index_dir: where to keep the index (created if missing); by default
                 :func:`default_index_dir`.
-            max_pixels: larger images are skipped without being decoded.
+            max_pixels: larger images are skipped without being retrieved or decoded.
+            max_frames: objects with more frames are skipped without being retrieved.
 
         Raises:
             NotADirectoryError: ``folder`` is not a directory.
@@ -310,6 +372,7 @@ class DicomArchive:
                 recreate_db=not fresh,
             ),
             max_pixels=max_pixels,
+            max_frames=max_frames,
         )
         if not fresh:
             stamp.write_text(signature, encoding="utf-8")
@@ -336,13 +399,26 @@ class DicomArchive:
                 _SOURCE, f"sent an unusable answer ({type(error).__name__})"
             ) from error
 
-    async def _studies(self, patient_id: str, study_uid: str | None) -> list[dict[str, Any]]:
+    async def _studies(
+        self, patient_id: str, study_uid: str | None, accession_number: str | None
+    ) -> list[dict[str, Any]]:
         filters = {"PatientID": patient_id}
         if study_uid is not None:
             filters["StudyInstanceUID"] = study_uid
+        if accession_number is not None:
+            filters["AccessionNumber"] = accession_number
         found = await self._query(partial(self._client.search_for_studies, search_filters=filters))
-        studies = [s for s in found if _value(s, _PATIENT_ID) == patient_id]
-        studies.sort(key=lambda s: _when(s, (_STUDY_DATE, _STUDY_TIME)), reverse=True)
+        studies = [
+            s
+            for s in found
+            if _value(s, _PATIENT_ID) == patient_id
+            and accession_number in (None, _value(s, _ACCESSION))
+        ]
+        # The UIDs break ties, so that every archive (a PACS, a folder) lists the same order.
+        studies.sort(
+            key=lambda s: (_when(s, (_STUDY_DATE, _STUDY_TIME)), _value(s, _STUDY_UID) or ""),
+            reverse=True,
+        )
         return studies
 
     async def _candidates(
@@ -379,24 +455,42 @@ class DicomArchive:
                 sop_uid = _value(instance, _SOP_UID)
                 if sop_uid is None:
                     continue
+                number = _number(instance, _INSTANCE_NUMBER)
+                too_large = self._too_large(instance)
+                if too_large is not None:
+                    reason = f"{label}, instance {number}: {too_large}; not retrieved"
+                    skipped.append(SkippedImage(study_uid, reason))
+                    continue
                 when = _when(
                     instance,
                     (_ACQUISITION_DATE, _ACQUISITION_TIME),
                     (_CONTENT_DATE, _CONTENT_TIME),
                     (_SERIES_DATE, _SERIES_TIME),
                 )
-                number = _number(instance, _INSTANCE_NUMBER)
                 candidates.append(
                     _Candidate(series_uid, sop_uid, f"{label}, instance {number}", when, number)
                 )
-        candidates.sort(key=lambda c: (c.when, c.order), reverse=True)
+        candidates.sort(key=lambda c: (c.when, c.order, c.series_uid, c.sop_uid), reverse=True)
         return candidates, bool(radiographs)
+
+    def _too_large(self, instance: Mapping[str, Any]) -> str | None:
+        """Why an instance's metadata rules out retrieving it, or ``None``.
+
+        A missing Rows or Columns is left to the decoder: the archive may not list them.
+        """
+        frames = _number(instance, _FRAMES)
+        if frames > self._max_frames:
+            return f"{frames} frames exceed the {self._max_frames}-frame limit"
+        rows, columns = _number(instance, _ROWS), _number(instance, _COLUMNS)
+        if rows and columns:
+            return size_problem(rows, columns, self._max_pixels)
+        return None
 
     def _retrieve_and_decode(self, study_uid: str, candidate: _Candidate) -> ChestImage | str:
         """The decoded image, or why it is not usable (runs on the worker thread)."""
         try:
             dataset = self._client.retrieve_instance(
-                study_uid, candidate.series_uid, candidate.sop_uid
+                study_uid, candidate.series_uid, candidate.sop_uid, media_types=AS_STORED
             )
         except (requests.HTTPError, RetryError) as error:
             return f"{candidate.label}: not retrieved ({_failure_reason(error)})"
@@ -411,7 +505,12 @@ class DicomArchive:
         return ChestImage(study_uid, candidate.series_uid, candidate.sop_uid, pixels)
 
     async def chest_images(
-        self, patient_id: str, *, limit: int = 4, study_uid: str | None = None
+        self,
+        patient_id: str,
+        *,
+        limit: int = 4,
+        study_uid: str | None = None,
+        accession_number: str | None = None,
     ) -> ImagingResult:
         """Decoded chest radiographs of the patient, most recent first.
 
@@ -419,10 +518,12 @@ class DicomArchive:
             patient_id: the DICOM PatientID (the FHIR Patient.id in this service's archives).
             limit: the most images returned; instances beyond it are not retrieved.
             study_uid: only this study (it must belong to the patient).
+            accession_number: only the study with this AccessionNumber (of the patient).
 
         Returns:
             The images (studies by StudyDate/StudyTime, then instances by acquisition, content
-            or series date and time, newest first) and what was skipped, with reasons.
+            or series date and time, newest first; ties by UID) and what was skipped, with
+            reasons.
 
         Raises:
             SourceUnavailable: the archive could not be queried (connection refused, timed
@@ -432,15 +533,17 @@ class DicomArchive:
             return ImagingResult()
         images: list[ChestImage] = []
         skipped: list[SkippedImage] = []
-        studies = await self._studies(patient_id, study_uid)
-        if study_uid is not None and not studies:
-            skipped.append(SkippedImage(study_uid, "no such study for this patient"))
+        studies = await self._studies(patient_id, study_uid, accession_number)
+        asked = study_uid is not None or accession_number is not None
+        if asked and not studies:
+            # No UID to name when only an accession number was asked for; it is not repeated.
+            skipped.append(SkippedImage(study_uid or "", "no such study for this patient"))
         for study in studies:
             uid = _value(study, _STUDY_UID)
             if uid is None:
                 continue
             candidates, has_radiographs = await self._candidates(uid, skipped)
-            if not has_radiographs and study_uid is not None:
+            if not has_radiographs and asked:
                 skipped.append(SkippedImage(uid, "no CR or DX series in the study"))
             for candidate in candidates:
                 if len(images) == limit:

@@ -10,8 +10,14 @@ Scaling after the VOI transform uses the transform's full output range (not the 
 minimum and maximum), so the contrast is the one the window defines. An image without a window
 or VOI LUT is scaled by its own range instead.
 
-Only the first frame of a multi-frame object is decoded. Images larger than a pixel limit are
-refused before decoding, so one oversized object cannot exhaust the service's memory.
+Only the first frame of a multi-frame object is decoded (see :mod:`adapters.imaging.archive` for
+why, and for the frame limit applied before retrieval). Images larger than a pixel limit are
+refused before decoding, so one oversized object cannot exhaust the service's memory, and so is
+pixel data in a transfer syntax no installed decoder reads, with the transfer syntax named.
+
+Decoders are pydicom's plugins: Pillow (JPEG baseline and extended, JPEG 2000), pylibjpeg-openjpeg
+(JPEG 2000, HTJ2K), python-gdcm (JPEG lossless, JPEG-LS) and pydicom itself (native, RLE,
+deflate), all under permissive licences. pylibjpeg-libjpeg is GPL-3.0 and is not used.
 """
 
 from __future__ import annotations
@@ -19,12 +25,13 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 from pydicom import Dataset
+from pydicom.pixels import get_decoder
 from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 from pydicom.pixels.utils import pixel_array
 
 from core.errors import MedicalDataError
 
-__all__ = ["MAX_PIXELS", "UndecodableImage", "decode_radiograph"]
+__all__ = ["MAX_PIXELS", "UndecodableImage", "decode_radiograph", "size_problem"]
 
 MAX_PIXELS = 25_000_000
 """The largest frame decoded by default (5000 x 5000; 100 MB as float32)."""
@@ -51,17 +58,54 @@ class UndecodableImage(MedicalDataError):
         self.reason = reason
 
 
+def size_problem(rows: int, columns: int, max_pixels: int) -> str | None:
+    """Why a frame of this size is not decoded, or ``None`` when it may be.
+
+    Args:
+        rows: the Rows attribute (0 when absent).
+        columns: the Columns attribute (0 when absent).
+        max_pixels: the largest frame decoded.
+
+    Returns:
+        The reason, safe to show, or ``None``.
+
+    Examples:
+        >>> size_problem(10_000, 10_000, 25_000_000)
+        '10000x10000 exceeds the 25000000-pixel limit'
+        >>> size_problem(2048, 2500, 25_000_000) is None
+        True
+    """
+    if rows < 1 or columns < 1:
+        return "no image size"
+    if rows * columns > max_pixels:
+        return f"{columns}x{rows} exceeds the {max_pixels}-pixel limit"
+    return None
+
+
+def _check_transfer_syntax(ds: Dataset) -> None:
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is None:
+        return  # pydicom then reads it as the dataset was decoded; nothing to name
+    try:
+        available = get_decoder(syntax).is_available
+    except NotImplementedError:  # a transfer syntax pydicom has no decoder for at all
+        available = False
+    if not available:
+        name = syntax.name if syntax.name != str(syntax) else "unknown"
+        raise UndecodableImage(f"no decoder installed for transfer syntax {syntax} ({name})")
+
+
 def _check(ds: Dataset, max_pixels: int) -> None:
     if "PixelData" not in ds:
         raise UndecodableImage("no pixel data")
     photometric = str(ds.get("PhotometricInterpretation", ""))
     if photometric not in _GREYSCALE:
         raise UndecodableImage(f"not a greyscale image ({photometric or 'no photometric'})")
-    rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
-    if rows < 1 or columns < 1:
-        raise UndecodableImage("no image size")
-    if rows * columns > max_pixels:
-        raise UndecodableImage(f"{columns}x{rows} exceeds the {max_pixels}-pixel limit")
+    problem = size_problem(int(ds.get("Rows") or 0), int(ds.get("Columns") or 0), max_pixels)
+    if problem is not None:
+        raise UndecodableImage(problem)
+    _check_transfer_syntax(ds)
 
 
 def _display(
@@ -99,8 +143,8 @@ def decode_radiograph(ds: Dataset, *, max_pixels: int = MAX_PIXELS) -> npt.NDArr
         The first frame after the modality and VOI transforms, inverted for MONOCHROME1.
 
     Raises:
-        UndecodableImage: no pixel data, not greyscale, too large, or the pixel data could not
-            be decoded (damaged, truncated, unsupported compression).
+        UndecodableImage: no pixel data, not greyscale, too large, a transfer syntax without an
+            installed decoder, or pixel data that could not be decoded (damaged, truncated).
 
     Examples:
         >>> # pixels = decode_radiograph(pydicom.dcmread("RG1_J2KI.dcm"))

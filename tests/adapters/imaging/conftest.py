@@ -1,8 +1,9 @@
-"""Real DICOM material for the imaging adapter tests: pydicom-data radiographs and NIH images."""
+"""Real DICOM material for the imaging adapter tests (pydicom-data radiographs, NIH images) and
+a real Orthanc PACS."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import date
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 from fixtures.cxr_dicom import fixture_uid, png_to_dicom
 from fixtures.nih_labels import NihLabel, read_nih_labels
+from tests.peers.orthanc import Orthanc, OrthancMissing, running_orthanc
 
 NihDicom = Callable[[NihLabel, str, date], pydicom.Dataset]
 
@@ -49,3 +51,13 @@ def nih_dicom(nih_dir: Path) -> NihDicom:
         )
 
     return make
+
+
+@pytest.fixture(scope="session")
+def orthanc() -> Iterator[Orthanc]:
+    """A real Orthanc with its DICOMweb plugin and basic auth, for the whole session."""
+    try:
+        with running_orthanc() as server:
+            yield server
+    except OrthancMissing as error:
+        pytest.skip(str(error))
