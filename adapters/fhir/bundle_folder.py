@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from adapters.fhir.parse import InvalidFhirContent, parse_observation
 from core.errors import SourceUnavailable
 from core.types import LabResult
 
-__all__ = ["BundleFolderRecords"]
+__all__ = ["BundleFolderRecords", "folder_resources"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,13 +98,9 @@ class _PatientRecord:
     laboratory: tuple[dict[str, Any], ...]
 
 
-def _patient_record(bundle: Mapping[str, Any]) -> _PatientRecord | None:
-    """The bundle's Patient and laboratory Observations with references rewritten as a server
-    would store them, or ``None`` when the bundle does not hold exactly one Patient."""
-    patient = _patient_of(bundle)
-    if patient is None:
-        return None
-    targets = {
+def _targets(bundle: Mapping[str, Any]) -> dict[str, str]:
+    """``urn:uuid:`` fullUrls of the bundle's entries and the ``<Type>/<id>`` they become."""
+    return {
         str(entry["fullUrl"]): f"{entry['resource']['resourceType']}/{entry['resource']['id']}"
         for entry in bundle.get("entry", ())
         if isinstance(entry, dict)
@@ -112,6 +108,40 @@ def _patient_record(bundle: Mapping[str, Any]) -> _PatientRecord | None:
         and isinstance(entry.get("resource"), dict)
         and entry["resource"].get("id")
     }
+
+
+def folder_resources(
+    folder: str | os.PathLike[str], resource_types: Collection[str]
+) -> Iterator[dict[str, Any]]:
+    """The resources of the given types in every Bundle of a folder, as a server stores them.
+
+    Unlike :class:`BundleFolderRecords`, this reads any bundle, not only single-patient ones
+    (the fixture imaging bundle holds every patient's studies and reports).
+
+    Args:
+        folder: the folder of bundles (``*.json``; files that are not a Bundle are skipped).
+        resource_types: the types wanted (``{"ImagingStudy", "DiagnosticReport"}``).
+
+    Returns:
+        The resources, file by file in name order, references rewritten to ``<Type>/<id>``.
+    """
+    for path in sorted(Path(folder).glob("*.json")):
+        bundle = _read_bundle(path)
+        if bundle is None:
+            continue
+        targets = _targets(bundle)
+        for resource in _resources(bundle):
+            if resource.get("resourceType") in resource_types:
+                yield _rewrite_references(resource, targets)
+
+
+def _patient_record(bundle: Mapping[str, Any]) -> _PatientRecord | None:
+    """The bundle's Patient and laboratory Observations with references rewritten as a server
+    would store them, or ``None`` when the bundle does not hold exactly one Patient."""
+    patient = _patient_of(bundle)
+    if patient is None:
+        return None
+    targets = _targets(bundle)
     return _PatientRecord(
         patient=_rewrite_references(patient, targets),
         laboratory=tuple(

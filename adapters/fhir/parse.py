@@ -23,8 +23,11 @@ from typing import Any, TypeVar
 import pydantic
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.condition import Condition
+from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+from fhir.resources.R4B.imagingstudy import ImagingStudy
 from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.operationoutcome import OperationOutcome
+from fhir.resources.R4B.patient import Patient
 from fhir.resources.R4B.resource import Resource
 from fhir.resources.R4B.servicerequest import ServiceRequest
 
@@ -36,7 +39,10 @@ __all__ = [
     "next_link",
     "parse_bundle",
     "parse_condition",
+    "parse_diagnostic_report",
+    "parse_imaging_study",
     "parse_observation",
+    "parse_patient",
     "parse_service_request",
     "reports_error",
     "resource_type_of",
@@ -158,6 +164,33 @@ def parse_condition(content: FhirContent) -> Condition:
         InvalidFhirContent: the content is not JSON, not a Condition, or not valid FHIR.
     """
     return _parse(content, Condition)
+
+
+def parse_patient(content: FhirContent) -> Patient:
+    """Validate one Patient.
+
+    Raises:
+        InvalidFhirContent: the content is not JSON, not a Patient, or not valid FHIR.
+    """
+    return _parse(content, Patient)
+
+
+def parse_imaging_study(content: FhirContent) -> ImagingStudy:
+    """Validate one ImagingStudy.
+
+    Raises:
+        InvalidFhirContent: the content is not JSON, not an ImagingStudy, or not valid FHIR.
+    """
+    return _parse(content, ImagingStudy)
+
+
+def parse_diagnostic_report(content: FhirContent) -> DiagnosticReport:
+    """Validate one DiagnosticReport.
+
+    Raises:
+        InvalidFhirContent: the content is not JSON, not a DiagnosticReport, or not valid FHIR.
+    """
+    return _parse(content, DiagnosticReport)
 
 
 def parse_bundle(content: FhirContent) -> Bundle:

@@ -97,11 +97,18 @@ def test_amended_and_preliminary_results_are_kept() -> None:
         assert lab_result(parse_observation(observation(status=status))) is not None
 
 
-def test_a_reference_bound_in_another_unit_is_dropped() -> None:
-    ranges = [{"low": {"value": 120, "unit": "g/L"}, "high": {"value": 16.0}}]
+def test_a_reference_bound_in_a_unit_that_does_not_convert_is_dropped() -> None:
+    ranges = [{"low": {"value": 7.4, "unit": "mmol/mol"}, "high": {"value": 16.0}}]
     result = lab_result(parse_observation(observation(referenceRange=ranges)))
     assert result is not None
     assert (result.reference_low, result.reference_high) == (None, 16.0)
+
+
+def test_a_reference_bound_in_another_convertible_unit_is_converted() -> None:
+    ranges = [{"low": {"value": 120, "unit": "g/L"}, "high": {"value": 16.0}}]
+    result = lab_result(parse_observation(observation(referenceRange=ranges)))
+    assert result is not None
+    assert (result.reference_low, result.reference_high) == (12.0, 16.0)
 
 
 def test_unit_text_is_used_when_the_quantity_is_not_ucum() -> None:
