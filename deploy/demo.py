@@ -41,7 +41,7 @@ from deploy.settings import Settings
 from deploy.wiring import Components, app_for, build_runtime, open_components, trusted_clients
 from fixtures.synthetic_cases import SyntheticCase, synthetic_cases
 
-__all__ = ["DemoResult", "missing_shared_data", "print_result", "run_demo"]
+__all__ = ["DemoResult", "missing_shared_data", "print_result", "run_demo", "serving"]
 
 SHARED_NEEDS = {
     "synthea": "Synthea FHIR bundles",
@@ -127,7 +127,7 @@ async def _ingest(
 
 
 @asynccontextmanager
-async def _serving(runtime: Runtime, settings: Settings, port: int) -> AsyncIterator[None]:
+async def serving(runtime: Runtime, settings: Settings, port: int) -> AsyncIterator[None]:
     """The real service, on loopback, around the already-open runtime."""
     server = uvicorn.Server(
         server_config(app_for(runtime, settings), settings, host="127.0.0.1", port=port)
@@ -210,7 +210,7 @@ async def run_demo(
             say(f"case {case_id} skipped: {reason}")
         patient_id = patient or await _choose_patient(cases, components.bundles, settings.min_labs)
         runtime = build_runtime(components, settings, trusted_clients(settings))
-        async with _serving(runtime, settings, port):
+        async with serving(runtime, settings, port):
             url = f"{base}/cds-services/{PATIENT_VIEW.id}"
             body = patient_view_call(
                 patient_id, prefetch=prefetch_content(components.bundles, patient_id)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings"]
@@ -35,9 +35,18 @@ class Settings(BaseSettings):
     text_model: str = "minilm"
     onnx_providers: str = "auto"
     dicomweb_url: str | None = None
+    dicomweb_username: str | None = None
+    dicomweb_password: SecretStr | None = None
+    dicomweb_timeout_s: float = Field(default=3.0, gt=0)
+    dicomweb_retry_after_max_s: float = Field(default=1.0, ge=0)
+    dicom_max_pixels: int = Field(default=25_000_000, ge=1)
+    dicom_max_frames: int = Field(default=4, ge=1)
     dicom_dir: Path | None = None
     fhir_bundles: Path | None = None
     fhir_timeout_s: float = Field(default=4.0, gt=0)
+    fhir_retry_attempts: int = Field(default=3, ge=1, le=10)
+    fhir_breaker_failures: int = Field(default=5, ge=1)
+    fhir_breaker_cool_down_s: float = Field(default=30.0, gt=0)
     allow_loopback_http: bool = False
     deadline_s: float = Field(default=4.0, gt=0.5, le=60)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)

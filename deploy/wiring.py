@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from dicomweb_client import DICOMwebClient
 from fastapi import FastAPI
 
 from adapters.fhir.bundle_folder import BundleFolderRecords
@@ -23,7 +22,9 @@ from adapters.fhir.client import HttpFhirAccess
 from adapters.fhir.folder_fhir import BundleFolderFhir
 from adapters.fhir.orders import chest_imaging_orders
 from adapters.fhir.prefetch import PrefetchRecords
+from adapters.fhir.resilience import BreakerRegistry, RetryPolicy
 from adapters.imaging.archive import DicomArchive
+from adapters.imaging.dicomweb import open_dicomweb_archive
 from adapters.models.clip import OnnxClipEmbedder
 from adapters.models.manifest import ManifestError
 from adapters.models.text import OnnxTextEmbedder
@@ -111,18 +112,28 @@ def _load_models(settings: Settings) -> tuple[OnnxClipEmbedder, OnnxTextEmbedder
 
 def _open_imaging(settings: Settings) -> DicomArchive:
     if settings.dicomweb_url:
-        url = settings.dicomweb_url
-
-        def web_client() -> DICOMwebClient:
-            client = DICOMwebClient(url)
-            # Its default (5 retries with backoff) would hold a hook call for ~30 s; the
-            # archive reports the failure and the hook answers without images instead.
-            client.set_http_retry_params(retry=False)
-            return client
-
-        return DicomArchive.connect(web_client)
+        password = settings.dicomweb_password
+        try:
+            return open_dicomweb_archive(
+                settings.dicomweb_url,
+                username=settings.dicomweb_username,
+                password=password.get_secret_value() if password is not None else None,
+                timeout_s=settings.dicomweb_timeout_s,
+                retry_after_max_s=settings.dicomweb_retry_after_max_s,
+                max_pixels=settings.dicom_max_pixels,
+                max_frames=settings.dicom_max_frames,
+            )
+        except ValueError as error:
+            raise ConfigurationError(
+                f"{error}: set both MEDIRAG_DICOMWEB_USERNAME and MEDIRAG_DICOMWEB_PASSWORD, "
+                "or neither"
+            ) from error
     try:
-        return DicomArchive.from_folder(settings.dicom_path)
+        return DicomArchive.from_folder(
+            settings.dicom_path,
+            max_pixels=settings.dicom_max_pixels,
+            max_frames=settings.dicom_max_frames,
+        )
     except NotADirectoryError as error:
         raise ConfigurationError(
             f"{error}: set MEDIRAG_DICOMWEB_URL or MEDIRAG_DICOM_DIR (`medirag demo` builds the "
@@ -274,7 +285,19 @@ def build_runtime(
     )
     caller = Caller(
         advisor=advisor,
-        fhir=HttpFhirAccess(components.http, timeout=settings.fhir_timeout_s),
+        fhir=HttpFhirAccess(
+            components.http,
+            timeout=settings.fhir_timeout_s,
+            # Waiting on a busy server never outlasts the call it serves.
+            retry=RetryPolicy(
+                max_attempts=settings.fhir_retry_attempts,
+                budget=min(settings.fhir_timeout_s, settings.deadline_s),
+            ),
+            breakers=BreakerRegistry(
+                failure_threshold=settings.fhir_breaker_failures,
+                cool_down=settings.fhir_breaker_cool_down_s,
+            ),
+        ),
         parse_labs=_labs_record,
         default_fhir=BundleFolderFhir(components.bundles) if components.bundles else None,
         policy=CallPolicy(

@@ -127,3 +127,15 @@ async def test_the_demo_ehr_signs_what_the_service_accepts(tmp_path):
         verified = await auth.authenticate(f"Bearer {ehr.sign(audience)}", audience)
     assert verified.iss == ehr.issuer
     assert (tmp_path / "demo-ehr-key.pem").stat().st_mode & 0o077 == 0
+
+
+async def test_dicomweb_credentials_come_in_pairs(tmp_path, models_dir, minilm_dir, tiny_dir):
+    settings = Settings(
+        data_dir=tmp_path,
+        models_dir=models_dir,
+        dicomweb_url="http://127.0.0.1:9/dicom-web",
+        dicomweb_username="medirag",
+    )
+    with pytest.raises(ConfigurationError, match="MEDIRAG_DICOMWEB_PASSWORD"):
+        async with open_components(settings):
+            pass
