@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.peers.process import stop_process
+
 __all__ = ["SERVER_DIR", "Medplum", "MedplumFailed", "MedplumMissing", "running_medplum"]
 
 SERVER_DIR = Path(__file__).resolve().parent / "fhir_server"
-_STOP_GRACE_S = 5.0
 
 
 class MedplumMissing(RuntimeError):
@@ -65,14 +66,7 @@ class Medplum:
 
     def stop(self) -> None:
         """Stop the process by its PID (SIGTERM, then SIGKILL); stopping twice is harmless."""
-        if self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(_STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
 
 
 def _ready_line(process: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:

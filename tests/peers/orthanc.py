@@ -39,6 +39,8 @@ from typing import BinaryIO
 
 import requests
 
+from tests.peers.process import stop_process
+
 __all__ = [
     "DICOMWEB_PLUGIN",
     "Orthanc",
@@ -50,7 +52,6 @@ __all__ = [
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 _USER = "medirag"
-_STOP_GRACE_S = 5.0
 
 
 class OrthancMissing(RuntimeError):
@@ -89,14 +90,7 @@ class Orthanc:
 
     def stop(self) -> None:
         """Stop the process by its PID (SIGTERM, then SIGKILL); stopping twice is harmless."""
-        if self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(_STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
 
 
 def _free_port() -> int:

@@ -1,12 +1,12 @@
 """FhirClient against a real HTTP server on the loopback interface.
 
-The server is a stand-in for a FHIR server until the Medplum engine arrives in a later issue: a
-stdlib ``http.server`` in a thread that answers the laboratory search with the searchset Bundles
-``laboratory_bundle`` builds from the Synthea folder, split over two pages joined by a ``next``
-link, and that misbehaves on purpose under other base paths (401, 403, 404, 500, a body that is
-not JSON, the wrong resource type, an invalid resource, an error OperationOutcome in the Bundle,
-a dropped connection, a response that never comes, an endless chain of pages, a ``next`` link
-to another server).
+The server is a stand-in for a FHIR server that misbehaves on cue (the real engine, Medplum, is
+in test_fhir_medplum.py and cannot be made to misbehave): a stdlib ``http.server`` in a thread
+that answers the laboratory search with the searchset Bundles ``laboratory_bundle`` builds from
+the Synthea folder, split over two pages joined by a ``next`` link, and that misbehaves on
+purpose under other base paths (401, 403, 404, 500, a body that is not JSON, the wrong resource
+type, an invalid resource, an error OperationOutcome in the Bundle, a dropped connection, a
+response that never comes, an endless chain of pages, a ``next`` link to another server).
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 The folder holds, under three patients: two NIH-built chest studies of different dates; the
 real RG1 chest and RG3 extremity radiographs; and a good study beside a damaged JPEG 2000 file
-and a truncated native one. The DICOMweb tests talk to small stdlib HTTP servers on the loopback
-interface, stand-ins for a PACS until Orthanc arrives in a later issue.
+and a truncated native one. The DICOMweb tests here talk to small stdlib HTTP servers on the
+loopback interface that misbehave on purpose (a dropped connection, a 503 to everything) or
+serve one hand-made dataset; the real PACS, Orthanc, is in test_imaging_orthanc.py.
 """
 
 from __future__ import annotations
@@ -369,8 +370,8 @@ async def test_a_pacs_answering_an_error_is_unavailable_without_the_patient(
 
 class _DicomWeb(ThreadingHTTPServer):
     """A minimal DICOMweb server (QIDO-RS, WADO-RS metadata and instance) over one dataset, a
-    stand-in for a PACS until Orthanc arrives in a later issue. With ``drop_retrieve`` it closes
-    the connection when the instance itself is asked for."""
+    stand-in that can drop a connection on cue (test_imaging_orthanc.py has the real PACS).
+    With ``drop_retrieve`` it closes the connection when the instance itself is asked for."""
 
     daemon_threads = True
 
