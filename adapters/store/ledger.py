@@ -19,13 +19,13 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from types import TracebackType
 from typing import Any
 
 import psycopg
 from psycopg import AsyncConnection, sql
 from psycopg_pool import AsyncConnectionPool
 
+from adapters.store.pooled import Pooled
 from core.cards import IssuedCard
 from core.errors import SourceUnavailable
 from core.feedback import (
@@ -140,7 +140,7 @@ def _reason(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-class PgCardLedger:
+class PgCardLedger(Pooled):
     """Issued cards and the feedback on them, in the index database.
 
     Create it with :meth:`open`; close it with :meth:`close` or ``async with``.
@@ -155,7 +155,7 @@ class PgCardLedger:
     ) -> None:
         if write_timeout_s <= 0:
             raise ValueError(f"write_timeout_s must be positive, got {write_timeout_s}")
-        self._pool = pool
+        super().__init__(pool)
         self._write_timeout_s = write_timeout_s
 
     @classmethod
@@ -209,21 +209,6 @@ class PgCardLedger:
                 "first opens the index (`medirag serve` or `medirag demo`)",
             )
         return cls(pool, write_timeout_s=write_timeout_s)
-
-    async def close(self) -> None:
-        """Close the connection pool; the ledger cannot be used afterwards."""
-        await self._pool.close()
-
-    async def __aenter__(self) -> PgCardLedger:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     @asynccontextmanager
     async def _transaction(self, timeout_s: float | None) -> AsyncIterator[AsyncConnection[Any]]:

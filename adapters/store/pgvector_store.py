@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -35,6 +34,7 @@ from pgvector.psycopg import register_vector_async
 from psycopg import AsyncConnection, sql
 from psycopg_pool import AsyncConnectionPool
 
+from adapters.store.pooled import Pooled
 from adapters.store.schema import HnswParams, IndexModels, drop_index, lab_panel_id, migrate
 from core.errors import SourceUnavailable
 from core.labs import LAB_PANEL
@@ -178,7 +178,7 @@ def _check_k(k: int) -> None:
         raise ValueError(f"k must be between 1 and {MAX_EF_SEARCH}, got {k}")
 
 
-class PgVectorStore:
+class PgVectorStore(Pooled):
     """The case and literature indexes in one PostgreSQL database with pgvector.
 
     Create it with :meth:`open`, which brings the schema up to date and checks that the index
@@ -202,7 +202,7 @@ class PgVectorStore:
         analyze_every: int = 1000,
     ) -> None:
         _check_settings(ef_search, analyze_every)
-        self._pool = pool
+        super().__init__(pool)
         self._models = models
         self._ef_search = ef_search
         self._analyze_every = analyze_every
@@ -309,21 +309,6 @@ class PgVectorStore:
     def models(self) -> IndexModels:
         """The models and dimensions this index was built with."""
         return self._models
-
-    async def close(self) -> None:
-        """Close the connection pool; the store cannot be used afterwards."""
-        await self._pool.close()
-
-    async def __aenter__(self) -> PgVectorStore:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     @asynccontextmanager
     async def _transaction(self, source: str) -> AsyncIterator[AsyncConnection[Any]]:

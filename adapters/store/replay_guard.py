@@ -18,13 +18,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any
 
 import psycopg
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
+from adapters.store.pooled import Pooled
 from cds_hooks.replay import ReplayGuardUnavailable
 
 __all__ = ["PostgresReplayGuard"]
@@ -49,7 +49,7 @@ def _reason(error: psycopg.Error) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-class PostgresReplayGuard:
+class PostgresReplayGuard(Pooled):
     """A :class:`cds_hooks.replay.ReplayGuard` over ``seen_jwt_ids`` in PostgreSQL.
 
     Create it with :meth:`open`; close it with :meth:`close` or ``async with``.
@@ -70,7 +70,7 @@ class PostgresReplayGuard:
         purge_interval_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._pool = pool
+        super().__init__(pool)
         self._margin = clock_margin_s
         self._purge_interval = purge_interval_s
         self._clock = clock
@@ -153,18 +153,3 @@ class PostgresReplayGuard:
                 return cursor.rowcount == 1
         except psycopg.Error as error:
             raise ReplayGuardUnavailable(f"replay guard database: {_reason(error)}") from error
-
-    async def close(self) -> None:
-        """Close the connection pool; the guard cannot be used afterwards."""
-        await self._pool.close()
-
-    async def __aenter__(self) -> PostgresReplayGuard:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.close()
