@@ -25,7 +25,7 @@ import psycopg
 from psycopg import AsyncConnection, sql
 from psycopg_pool import AsyncConnectionPool
 
-from adapters.store.pooled import Pooled
+from adapters.store.pooled import Pooled, new_pool
 from core.cards import IssuedCard
 from core.errors import SourceUnavailable
 from core.feedback import (
@@ -184,14 +184,11 @@ class PgCardLedger(Pooled):
                 ledger tables (the service creates them when it first opens the index).
             ValueError: for a non-positive ``write_timeout_s``.
         """
-        pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
+        pool = new_pool(
             dsn,
-            min_size=1,
-            max_size=max_connections,
-            open=False,
-            check=AsyncConnectionPool.check_connection,
-            timeout=connect_timeout,
             name="medirag-ledger",
+            max_connections=max_connections,
+            connect_timeout=connect_timeout,
         )
         try:
             await pool.open(wait=True, timeout=connect_timeout)

@@ -34,7 +34,7 @@ from pgvector.psycopg import register_vector_async
 from psycopg import AsyncConnection, sql
 from psycopg_pool import AsyncConnectionPool
 
-from adapters.store.pooled import Pooled
+from adapters.store.pooled import Pooled, new_pool
 from adapters.store.schema import HnswParams, IndexModels, drop_index, lab_panel_id, migrate
 from core.errors import SourceUnavailable
 from core.labs import LAB_PANEL
@@ -274,15 +274,12 @@ class PgVectorStore(Pooled):
         # is migrated on a connection of its own first.
         async with await _connect(dsn, connect_timeout) as conn:
             await migrate(conn, models, hnsw)
-        pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
+        pool = new_pool(
             dsn,
-            min_size=1,
-            max_size=max_connections,
-            open=False,
-            configure=register_vector_async,
-            check=AsyncConnectionPool.check_connection,
-            timeout=connect_timeout,
             name="medirag-index",
+            max_connections=max_connections,
+            connect_timeout=connect_timeout,
+            configure=register_vector_async,
         )
         try:
             await pool.open(wait=True, timeout=connect_timeout)

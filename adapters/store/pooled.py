@@ -2,12 +2,45 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Self
 
+from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-__all__ = ["Pooled"]
+__all__ = ["Pooled", "new_pool"]
+
+Pool = AsyncConnectionPool[AsyncConnection[Any]]
+
+
+def new_pool(
+    dsn: str,
+    *,
+    name: str,
+    max_connections: int,
+    connect_timeout: float,
+    configure: Callable[[AsyncConnection[Any]], Awaitable[None]] | None = None,
+) -> Pool:
+    """A pool of at least one connection, checked before each use, not yet open.
+
+    Args:
+        dsn: the database.
+        name: the pool's name in logs (``medirag-index``).
+        max_connections: the most connections it holds.
+        connect_timeout: seconds to wait for a connection.
+        configure: run on each new connection (``register_vector_async``).
+    """
+    return AsyncConnectionPool(
+        dsn,
+        min_size=1,
+        max_size=max_connections,
+        open=False,
+        configure=configure,
+        check=AsyncConnectionPool.check_connection,
+        timeout=connect_timeout,
+        name=name,
+    )
 
 
 class Pooled:

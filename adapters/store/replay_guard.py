@@ -24,7 +24,7 @@ import psycopg
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from adapters.store.pooled import Pooled
+from adapters.store.pooled import Pooled, new_pool
 from cds_hooks.replay import ReplayGuardUnavailable
 
 __all__ = ["PostgresReplayGuard"]
@@ -103,14 +103,11 @@ class PostgresReplayGuard(Pooled):
             ReplayGuardUnavailable: the database cannot be reached or has no ``seen_jwt_ids``
                 (its schema was not migrated).
         """
-        pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
+        pool = new_pool(
             dsn,
-            min_size=1,
-            max_size=max_connections,
-            open=False,
-            check=AsyncConnectionPool.check_connection,
-            timeout=connect_timeout,
             name="medirag-replay-guard",
+            max_connections=max_connections,
+            connect_timeout=connect_timeout,
         )
         try:
             await pool.open(wait=True, timeout=connect_timeout)
