@@ -60,9 +60,13 @@ MANIFEST_NAME = "manifest.json"
 
 FORMAT_VERSION = 1
 
-ModelKind = Literal["text-embedder", "image-text-embedder"]
+ModelKind = Literal[
+    "text-embedder", "image-text-embedder", "dense-sparse-text-embedder", "reranker"
+]
 """``text-embedder``: one text graph. ``image-text-embedder``: image and text graphs sharing one
-embedding space."""
+embedding space. ``dense-sparse-text-embedder``: one text graph giving a dense vector and sparse
+token weights (BGE-M3). ``reranker``: a cross-encoder scoring (query, passage) pairs, in
+FlashRank's directory layout."""
 
 _KINDS: tuple[str, ...] = get_args(ModelKind)
 _CHUNK = 1 << 20
