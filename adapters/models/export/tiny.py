@@ -28,9 +28,11 @@ from adapters.models.export.graph import DEFAULT_OPSET
 from adapters.models.export.open_clip_onnx import export_open_clip
 
 __all__ = [
+    "BERT_SPECIAL_TOKENS",
     "TINY_NAME",
     "TINY_VIT",
     "build_tiny_biomedclip",
+    "corpus_wordpiece_tokenizer",
     "medirag_tiny_vit_patch16_224",
     "register_tiny_vit",
     "write_tiny_biomedclip_source",
@@ -49,7 +51,7 @@ _CONTEXT_LENGTH = 256
 _MEAN = (0.48145466, 0.4578275, 0.40821073)
 _STD = (0.26862954, 0.26130258, 0.27577711)
 # BERT's special tokens; [PAD] first, so that the pad id is 0 as in BERT vocabularies.
-_SPECIAL_TOKENS = {
+BERT_SPECIAL_TOKENS = {
     "pad_token": "[PAD]",
     "unk_token": "[UNK]",
     "cls_token": "[CLS]",
@@ -108,9 +110,9 @@ def write_tiny_biomedclip_source(source_dir: Path | str, *, seed: int = 0) -> Pa
     source_dir = Path(source_dir).resolve()
     text_dir = source_dir / "text"
     text_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = _corpus_tokenizer(CORPUS.read_text(encoding="utf-8").splitlines())
+    tokenizer = corpus_wordpiece_tokenizer(CORPUS.read_text(encoding="utf-8").splitlines())
     hf_tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, model_max_length=_CONTEXT_LENGTH, **_SPECIAL_TOKENS
+        tokenizer_object=tokenizer, model_max_length=_CONTEXT_LENGTH, **BERT_SPECIAL_TOKENS
     )
     hf_tokenizer.save_pretrained(str(source_dir))
     BertConfig(
@@ -120,7 +122,7 @@ def write_tiny_biomedclip_source(source_dir: Path | str, *, seed: int = 0) -> Pa
         num_attention_heads=2,
         intermediate_size=128,
         max_position_embeddings=_CONTEXT_LENGTH,
-        pad_token_id=tokenizer.token_to_id(_SPECIAL_TOKENS["pad_token"]),
+        pad_token_id=tokenizer.token_to_id(BERT_SPECIAL_TOKENS["pad_token"]),
     ).save_pretrained(str(text_dir))
     config = {
         "model_cfg": {
@@ -189,8 +191,14 @@ def build_tiny_biomedclip(
         )
 
 
-def _corpus_tokenizer(lines: list[str]) -> Tokenizer:
+def corpus_wordpiece_tokenizer(lines: list[str]) -> Tokenizer:
     """A BERT-style WordPiece tokenizer whose vocabulary is the corpus's characters and words.
+
+    Args:
+        lines: the corpus (``CORPUS``'s lines for every tiny model).
+
+    Returns:
+        A tokenizer adding ``[CLS]`` and ``[SEP]``, with ``[PAD]`` as id 0.
 
     The vocabulary is counted here rather than with ``tokenizers``' WordPiece trainer because that
     trainer breaks ties between equally frequent merges differently from one process to the next,
@@ -205,7 +213,7 @@ def _corpus_tokenizer(lines: list[str]) -> Tokenizer:
     )
     characters = sorted({character for word in counts for character in word})
     # Every character, alone and as a continuation, so any corpus-alphabet word can be spelled.
-    specials = list(_SPECIAL_TOKENS.values())
+    specials = list(BERT_SPECIAL_TOKENS.values())
     tokens = list(dict.fromkeys([*specials, *characters, *(f"##{c}" for c in characters)]))
     known = set(tokens)
     tokens += [
@@ -215,7 +223,7 @@ def _corpus_tokenizer(lines: list[str]) -> Tokenizer:
     ]
     tokenizer = Tokenizer(
         models.WordPiece(
-            {token: i for i, token in enumerate(tokens)}, unk_token=_SPECIAL_TOKENS["unk_token"]
+            {token: i for i, token in enumerate(tokens)}, unk_token=BERT_SPECIAL_TOKENS["unk_token"]
         )
     )
     tokenizer.normalizer = normalizer
