@@ -4,21 +4,31 @@ Why it exists: similar cases are searched by chest image and by recorded finding
 space (BiomedCLIP, or the tiny placeholder with the same architecture). The exporter
 (:mod:`adapters.models.export.open_clip_onnx`) writes the two towers as ``image.onnx`` and
 ``text.onnx``, each ending in L2 normalisation, with the tokenizer and the image preprocessing
-beside them; this class prepares inputs exactly as open_clip does and runs the graphs.
+beside them; this class prepares inputs exactly as open_clip does and runs the graphs. Each graph
+runs in a :class:`adapters.models.session.ModelSession` (providers, precision variant, warm-up)
+behind its own :class:`adapters.models.batching.MicroBatcher`, so that concurrent requests share
+runs.
 """
 
 from __future__ import annotations
 
-import asyncio
 import html
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from adapters.models.batching import BatchSettings, MicroBatcher
 from adapters.models.manifest import ManifestError, load_manifest
-from adapters.models.preprocess import PREPROCESS_NAME, ImagePreprocessing, preprocess_images
-from adapters.models.session import ProviderPreference, check_signature, create_session
+from adapters.models.preprocess import PREPROCESS_NAME, ImagePreprocessing, preprocess_image
+from adapters.models.session import (
+    ModelRuntime,
+    ModelSession,
+    ProviderPreference,
+    SessionSettings,
+    check_signature,
+    session_settings,
+)
 from adapters.models.tokenization import TOKENIZER_NAME, encode_batch, load_tokenizer
 from core.types import ModelCard, Vector
 
@@ -52,10 +62,14 @@ class OnnxClipEmbedder:
 
     Args:
         directory: the exported model directory (``image.onnx``, ``text.onnx``,
-            ``tokenizer.json``, ``preprocess.json``, ``manifest.json``).
-        providers: execution provider preference, see
+            ``tokenizer.json``, ``preprocess.json``, ``manifest.json``, and any precision
+            variants).
+        session: how the graphs' sessions are created (providers, precision, threads, warm-up);
+            defaults to :class:`adapters.models.session.SessionSettings` ``()``.
+        batching: how concurrent requests are gathered into runs, per graph.
+        providers: shortcut for ``session=SessionSettings(providers=...)``, see
             :func:`adapters.models.session.resolve_providers`.
-        intra_op_threads: onnxruntime threads per operator; ``None`` uses all cores.
+        intra_op_threads: shortcut for ``session=SessionSettings(intra_op_threads=...)``.
 
     Attributes:
         card: name and description of the model, for the clinician.
@@ -63,9 +77,13 @@ class OnnxClipEmbedder:
         manifest: the verified manifest.
         model_id: the model's identity, for the stores.
         preprocessing: how images are prepared for the image tower.
+        image_session: the image tower's session.
+        text_session: the text tower's session.
 
     Raises:
         ManifestError: the directory is not an intact ``image-text-embedder`` export.
+        ValueError: ``session`` and a shortcut were both given, or no preferred provider is
+            available.
 
     Example:
         >>> embedder = OnnxClipEmbedder("/models/tiny-biomedclip")  # doctest: +SKIP
@@ -78,10 +96,14 @@ class OnnxClipEmbedder:
         self,
         directory: Path | str,
         *,
-        providers: ProviderPreference = "auto",
+        session: SessionSettings | None = None,
+        batching: BatchSettings | None = None,
+        providers: ProviderPreference | None = None,
         intra_op_threads: int | None = None,
     ) -> None:
         directory = Path(directory)
+        settings = session_settings(session, providers=providers, intra_op_threads=intra_op_threads)
+        batching = batching or BatchSettings()
         manifest = load_manifest(directory)
         if manifest.kind != "image-text-embedder":
             raise ManifestError(directory, f"kind is {manifest.kind!r}, not 'image-text-embedder'")
@@ -96,44 +118,101 @@ class OnnxClipEmbedder:
         self.card: ModelCard = manifest.card
         self.dimension: int = manifest.dimension
         self._tokenizer = load_tokenizer(directory / TOKENIZER_NAME, max_length=manifest.max_length)
-        self._image = create_session(
-            directory / IMAGE_GRAPH_NAME, providers=providers, intra_op_threads=intra_op_threads
+        size = self.preprocessing.image_size
+        self.image_session = ModelSession(
+            directory,
+            manifest,
+            IMAGE_GRAPH_NAME,
+            settings,
+            check=lambda graph: check_signature(
+                graph, directory, inputs=("pixel_values",), dimension=manifest.dimension
+            ),
+            shapes={"pixel_values": ("batch", 3, size, size)},
+            max_batch=batching.max_batch,
         )
-        self._text = create_session(
-            directory / TEXT_GRAPH_NAME, providers=providers, intra_op_threads=intra_op_threads
+        self.text_session = ModelSession(
+            directory,
+            manifest,
+            TEXT_GRAPH_NAME,
+            settings,
+            check=lambda graph: check_signature(
+                graph, directory, inputs=("input_ids",), dimension=manifest.dimension
+            ),
+            shapes={"input_ids": ("batch", "sequence")},
+            max_batch=batching.max_batch,
         )
-        check_signature(
-            self._image, directory, inputs=("pixel_values",), dimension=manifest.dimension
+        self._images: MicroBatcher[Vector, Vector | ValueError] = MicroBatcher.from_settings(
+            self._embed_image_batch, batching, name=f"{manifest.name}/{IMAGE_GRAPH_NAME}"
         )
-        check_signature(self._text, directory, inputs=("input_ids",), dimension=manifest.dimension)
+        self._texts: MicroBatcher[str, Vector] = MicroBatcher.from_settings(
+            self._embed_text_batch, batching, name=f"{manifest.name}/{TEXT_GRAPH_NAME}"
+        )
+
+    @property
+    def runtime(self) -> ModelRuntime:
+        """What the two towers really run on (providers, precision, warm-up), for the logs."""
+        return ModelRuntime(
+            model_id=self.model_id,
+            graphs=(self.image_session.runtime, self.text_session.runtime),
+        )
 
     async def embed_images(self, images: Sequence[Vector]) -> Vector:
         """L2-normalised embeddings of ``(H, W)`` float images in ``[0, 1]`` (0 is black),
         float32 of shape ``(len(images), dimension)``.
 
-        Preprocessing and inference run in a worker thread, off the event loop.
+        The images join a batch with other callers' images; preprocessing and inference run in
+        a worker thread, off the event loop.
 
         Raises:
-            ValueError: an image is not 2-D, or has values outside ``[0, 1]``.
+            ValueError: an image is not 2-D, or has values outside ``[0, 1]`` (other callers'
+                images in the same batch are not affected).
         """
         if not images:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        return await asyncio.to_thread(self._embed_images, list(images))
+        outcomes = await self._images.submit(list(images))
+        vectors = []
+        for outcome in outcomes:
+            if isinstance(outcome, ValueError):
+                raise outcome
+            vectors.append(outcome)
+        return np.stack(vectors)
 
     async def embed_findings(self, texts: Sequence[str]) -> Vector:
         """L2-normalised embeddings of findings texts in the image embedding space, float32 of
-        shape ``(len(texts), dimension)``."""
+        shape ``(len(texts), dimension)``.
+
+        Raises:
+            TypeError: an item is not a string.
+        """
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        return await asyncio.to_thread(self._embed_texts, list(texts))
+        # Checked here, so that one caller's wrong input cannot fail a batch shared with others.
+        if not all(isinstance(text, str) for text in texts):
+            raise TypeError("findings must be strings")
+        return np.stack(await self._texts.submit(list(texts)))
 
-    def _embed_images(self, images: list[Vector]) -> Vector:
-        pixel_values = preprocess_images(images, self.preprocessing)
-        (embeddings,) = self._image.run(None, {"pixel_values": pixel_values})
-        return np.asarray(embeddings, dtype=np.float32)
+    async def aclose(self) -> None:
+        """Stop batching: callers still waiting fail, a running batch completes."""
+        await self._images.aclose()
+        await self._texts.aclose()
 
-    def _embed_texts(self, texts: list[str]) -> Vector:
+    def _embed_image_batch(self, images: list[Vector]) -> list[Vector | ValueError]:
+        # An invalid image fails its own caller only: its error takes its place in the results.
+        prepared: list[Vector | ValueError] = []
+        for image in images:
+            try:
+                prepared.append(preprocess_image(image, self.preprocessing))
+            except ValueError as error:
+                prepared.append(error)
+        valid = [pixels for pixels in prepared if not isinstance(pixels, ValueError)]
+        if not valid:
+            return prepared
+        (embeddings,) = self.image_session.run({"pixel_values": np.stack(valid)})
+        rows = iter(np.asarray(embeddings, dtype=np.float32))
+        return [item if isinstance(item, ValueError) else next(rows) for item in prepared]
+
+    def _embed_text_batch(self, texts: list[str]) -> list[Vector]:
         # The text graph derives its attention mask from the pad id, so the mask is not passed.
         input_ids, _ = encode_batch(self._tokenizer, [clean_text(text) for text in texts])
-        (embeddings,) = self._text.run(None, {"input_ids": input_ids})
-        return np.asarray(embeddings, dtype=np.float32)
+        (embeddings,) = self.text_session.run({"input_ids": input_ids})
+        return list(np.asarray(embeddings, dtype=np.float32))

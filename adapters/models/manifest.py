@@ -35,6 +35,7 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any, Literal, cast, get_args
 
@@ -42,6 +43,8 @@ from core.types import ModelCard
 
 __all__ = [
     "MANIFEST_NAME",
+    "VARIANT_PRECISIONS",
+    "GraphVariant",
     "Manifest",
     "ManifestError",
     "ModelKind",
@@ -93,11 +96,59 @@ class Parity:
 
     Args:
         compared: what was compared, in words (``"torch eager vs onnxruntime CPU, 9 texts"``).
-        min_cosine: the smallest cosine similarity between an original and an exported embedding.
+        min_cosine: the smallest cosine similarity between an original and an exported embedding
+            (for a reranker: between the original's and the export's vectors of logits).
+        max_abs_diff: the largest absolute difference between an original and an exported output
+            value (a reranker's logits), or ``None`` where only cosines were measured.
     """
 
     compared: str
     min_cosine: float
+    max_abs_diff: float | None = None
+
+
+VARIANT_PRECISIONS = ("fp16", "int8")
+"""Precisions a graph may have a variant in, beside its fp32 original."""
+
+
+@dataclass(frozen=True, slots=True)
+class GraphVariant:
+    """A reduced-precision copy of one graph, written and measured at export.
+
+    Args:
+        file: the variant's graph file (``"text.int8.onnx"``), listed in ``files`` like every file.
+        parity: how closely the variant reproduces the original model, or ``None`` where it could
+            not be run at export.
+        not_measured: why ``parity`` is ``None``, in words; ``None`` when measured.
+        external_data: files holding the variant's weights beside the graph file (graphs over
+            2 GB), also listed in ``files``.
+
+    Raises:
+        ValueError: both or neither of ``parity`` and ``not_measured`` are given.
+    """
+
+    file: str
+    parity: Parity | None
+    not_measured: str | None = None
+    external_data: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if (self.parity is None) == (self.not_measured is None):
+            raise ValueError("a variant has either a parity or the reason it was not measured")
+
+    def to_json(self) -> dict[str, Any]:
+        """The variant as a JSON-ready dict."""
+        parity = None
+        if self.parity is not None:
+            parity = {"compared": self.parity.compared, "min_cosine": self.parity.min_cosine}
+            if self.parity.max_abs_diff is not None:
+                parity["max_abs_diff"] = self.parity.max_abs_diff
+        return {
+            "file": self.file,
+            "parity": parity,
+            **({} if self.not_measured is None else {"not_measured": self.not_measured}),
+            **({"external_data": list(self.external_data)} if self.external_data else {}),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +171,9 @@ class Manifest:
         parity: how closely the graphs matched the original model at export.
         created_by: the exporter and library versions that wrote the directory.
         format_version: version of this manifest format.
+        variants: reduced-precision copies of the graphs, by precision then by the fp32 graph's
+            file name (``{"int8": {"model.onnx": GraphVariant(...)}}``); empty when the export
+            wrote none. Their files are pinned in ``files``.
     """
 
     name: str
@@ -136,6 +190,7 @@ class Manifest:
     parity: Parity
     created_by: str
     format_version: int = FORMAT_VERSION
+    variants: Mapping[str, Mapping[str, GraphVariant]] = dataclass_field(default_factory=dict)
 
     @property
     def card(self) -> ModelCard:
@@ -149,8 +204,13 @@ class Manifest:
         The digest covers the fields that decide the embeddings (name, kind, dimension, lengths,
         precision, and every file's hash) and leaves out wording and export measurements
         (description, source, parity, created_by), so re-exporting identical files keeps the id
-        and changing any weight, tokenizer or preprocessing file changes it.
+        and changing any weight, tokenizer or preprocessing file changes it. It also leaves out
+        the files of the precision variants: the id names what the fp32 graphs compute, which the
+        variants reproduce within their measured parity, so that adding variants to a model does
+        not orphan the vectors indexed with it. Which precision really runs is logged by
+        :class:`adapters.models.session.ModelSession`.
         """
+        variant_files = self.variant_files
         identity = {
             "name": self.name,
             "kind": self.kind,
@@ -158,10 +218,20 @@ class Manifest:
             "max_length": self.max_length,
             "image_size": self.image_size,
             "precision": self.precision,
-            "files": dict(sorted(self.files.items())),
+            "files": {k: v for k, v in sorted(self.files.items()) if k not in variant_files},
         }
         canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
         return f"{self.name}@{hashlib.sha256(canonical.encode()).hexdigest()[:12]}"
+
+    @property
+    def variant_files(self) -> frozenset[str]:
+        """The files of the precision variants (graphs and external data) among ``files``."""
+        return frozenset(
+            name
+            for graphs in self.variants.values()
+            for variant in graphs.values()
+            for name in (variant.file, *variant.external_data)
+        )
 
     def to_json(self) -> dict[str, Any]:
         """The manifest as a JSON-ready dict, in the field order of the file."""
@@ -178,8 +248,25 @@ class Manifest:
             "opset": self.opset,
             "precision": self.precision,
             "files": dict(sorted(self.files.items())),
-            "parity": {"compared": self.parity.compared, "min_cosine": self.parity.min_cosine},
+            "parity": {
+                "compared": self.parity.compared,
+                "min_cosine": self.parity.min_cosine,
+                # Left out when unmeasured, so that embedders' manifests keep their old form.
+                **(
+                    {}
+                    if self.parity.max_abs_diff is None
+                    else {"max_abs_diff": self.parity.max_abs_diff}
+                ),
+            },
             "created_by": self.created_by,
+            # Left out when there are none, so that manifests without variants keep their form.
+            **({"variants": self._variants_json()} if self.variants else {}),
+        }
+
+    def _variants_json(self) -> dict[str, Any]:
+        return {
+            precision: {graph: variant.to_json() for graph, variant in sorted(graphs.items())}
+            for precision, graphs in sorted(self.variants.items())
         }
 
 
@@ -305,6 +392,11 @@ def _parse(directory: Path, raw: dict[str, Any]) -> Manifest:
     compared, min_cosine = parity.get("compared"), parity.get("min_cosine")
     if not isinstance(compared, str) or not isinstance(min_cosine, int | float):
         raise ManifestError(directory, "parity needs 'compared' (text) and 'min_cosine' (number)")
+    max_abs_diff = parity.get("max_abs_diff")
+    if max_abs_diff is not None and (
+        not isinstance(max_abs_diff, int | float) or isinstance(max_abs_diff, bool)
+    ):
+        raise ManifestError(directory, "parity 'max_abs_diff' must be a number when present")
     image_size = raw.get("image_size")
     if image_size is not None and (not isinstance(image_size, int) or isinstance(image_size, bool)):
         raise ManifestError(directory, f"{MANIFEST_NAME} field 'image_size' has the wrong type")
@@ -325,7 +417,78 @@ def _parse(directory: Path, raw: dict[str, Any]) -> Manifest:
         opset=field("opset", int),
         precision=field("precision", str),
         files=dict(files),
-        parity=Parity(compared=compared, min_cosine=float(min_cosine)),
+        parity=Parity(
+            compared=compared,
+            min_cosine=float(min_cosine),
+            max_abs_diff=None if max_abs_diff is None else float(max_abs_diff),
+        ),
         created_by=field("created_by", str),
         format_version=version,
+        variants=_parse_variants(directory, raw.get("variants", {}), files),
+    )
+
+
+def _parse_variants(
+    directory: Path, raw: Any, files: Mapping[str, str]
+) -> dict[str, dict[str, GraphVariant]]:
+    if not isinstance(raw, dict):
+        raise ManifestError(directory, "variants must map precisions to graphs")
+    variants: dict[str, dict[str, GraphVariant]] = {}
+    for precision, graphs in raw.items():
+        if precision not in VARIANT_PRECISIONS:
+            raise ManifestError(directory, f"unknown variant precision {precision!r}")
+        if not isinstance(graphs, dict):
+            raise ManifestError(directory, f"variants[{precision!r}] must map graphs to variants")
+        variants[precision] = {}
+        for graph, entry in graphs.items():
+            where = f"variants[{precision!r}][{graph!r}]"
+            if not isinstance(entry, dict):
+                raise ManifestError(directory, f"{where} must be an object")
+            file, external = entry.get("file"), entry.get("external_data", [])
+            if not isinstance(external, list) or not all(isinstance(n, str) for n in external):
+                raise ManifestError(directory, f"{where}: external_data must list file names")
+            if not isinstance(file, str) or graph not in files:
+                raise ManifestError(directory, f"{where} needs a 'file' and a graph in files")
+            # Variant files are left out of the model's identity, so a manifest must not be able
+            # to pass a graph or any other file off as one: the names follow the graph's.
+            expected = f"{graph.removesuffix('.onnx')}.{precision}.onnx"
+            if file != expected or not all(name.startswith(f"{file}.") for name in external):
+                raise ManifestError(directory, f"{where}: the variant must be {expected}")
+            unlisted = [name for name in (file, *external) if name not in files]
+            if unlisted:
+                raise ManifestError(directory, f"{where}: {', '.join(unlisted)} not in files")
+            not_measured = entry.get("not_measured")
+            if not_measured is not None and not isinstance(not_measured, str):
+                raise ManifestError(directory, f"{where}: not_measured must be text")
+            try:
+                variants[precision][graph] = GraphVariant(
+                    file=file,
+                    parity=_variant_parity(directory, entry.get("parity"), where),
+                    not_measured=not_measured,
+                    external_data=tuple(external),
+                )
+            except ValueError as error:
+                raise ManifestError(directory, f"{where}: {error}") from None
+    return variants
+
+
+def _variant_parity(directory: Path, raw: Any, where: str) -> Parity | None:
+    if raw is None:
+        return None
+    number = (int, float)
+    compared = raw.get("compared") if isinstance(raw, dict) else None
+    min_cosine = raw.get("min_cosine") if isinstance(raw, dict) else None
+    max_abs_diff = raw.get("max_abs_diff") if isinstance(raw, dict) else None
+    if (
+        not isinstance(compared, str)
+        or not isinstance(min_cosine, number)
+        or isinstance(min_cosine, bool)
+        or (max_abs_diff is not None and not isinstance(max_abs_diff, number))
+        or isinstance(max_abs_diff, bool)
+    ):
+        raise ManifestError(directory, f"{where}: parity needs 'compared' and 'min_cosine'")
+    return Parity(
+        compared=compared,
+        min_cosine=float(min_cosine),
+        max_abs_diff=None if max_abs_diff is None else float(max_abs_diff),
     )

@@ -2,19 +2,28 @@
 
 Why it exists: literature search embeds passages and queries with a sentence-embedding model. The
 exporter (:mod:`adapters.models.export.minilm`) folds the transformer, the attention-masked mean
-pooling and the L2 normalisation into one graph, so serving is: tokenize, run, return.
+pooling and the L2 normalisation into one graph, so serving is: tokenize, run, return. The graph
+runs in a :class:`adapters.models.session.ModelSession` (providers, precision variant, warm-up)
+behind a :class:`adapters.models.batching.MicroBatcher`, so that concurrent queries share runs.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from adapters.models.batching import BatchSettings, MicroBatcher
 from adapters.models.manifest import ManifestError, load_manifest
-from adapters.models.session import ProviderPreference, check_signature, create_session
+from adapters.models.session import (
+    ModelRuntime,
+    ModelSession,
+    ProviderPreference,
+    SessionSettings,
+    check_signature,
+    session_settings,
+)
 from adapters.models.tokenization import TOKENIZER_NAME, encode_batch, load_tokenizer
 from core.types import ModelCard, Vector
 
@@ -31,10 +40,13 @@ class OnnxTextEmbedder:
 
     Args:
         directory: the exported model directory (``model.onnx``, ``tokenizer.json``,
-            ``manifest.json``).
-        providers: execution provider preference, see
+            ``manifest.json``, and any precision variants).
+        session: how the graph's session is created (providers, precision, threads, warm-up);
+            defaults to :class:`adapters.models.session.SessionSettings` ``()``.
+        batching: how concurrent requests are gathered into runs.
+        providers: shortcut for ``session=SessionSettings(providers=...)``, see
             :func:`adapters.models.session.resolve_providers`.
-        intra_op_threads: onnxruntime threads per operator; ``None`` uses all cores.
+        intra_op_threads: shortcut for ``session=SessionSettings(intra_op_threads=...)``.
 
     Attributes:
         card: name and description of the model, for the clinician.
@@ -42,9 +54,12 @@ class OnnxTextEmbedder:
         manifest: the verified manifest.
         model_id: the model's identity, for the stores (see
             :attr:`adapters.models.manifest.Manifest.model_id`).
+        model_session: the graph's session.
 
     Raises:
         ManifestError: the directory is not an intact ``text-embedder`` export.
+        ValueError: ``session`` and a shortcut were both given, or no preferred provider is
+            available.
 
     Example:
         >>> embedder = OnnxTextEmbedder("/models/minilm")  # doctest: +SKIP
@@ -56,10 +71,14 @@ class OnnxTextEmbedder:
         self,
         directory: Path | str,
         *,
-        providers: ProviderPreference = "auto",
+        session: SessionSettings | None = None,
+        batching: BatchSettings | None = None,
+        providers: ProviderPreference | None = None,
         intra_op_threads: int | None = None,
     ) -> None:
         directory = Path(directory)
+        settings = session_settings(session, providers=providers, intra_op_threads=intra_op_threads)
+        batching = batching or BatchSettings()
         manifest = load_manifest(directory)
         if manifest.kind != "text-embedder":
             raise ManifestError(directory, f"kind is {manifest.kind!r}, not 'text-embedder'")
@@ -68,28 +87,53 @@ class OnnxTextEmbedder:
         self.card: ModelCard = manifest.card
         self.dimension: int = manifest.dimension
         self._tokenizer = load_tokenizer(directory / TOKENIZER_NAME, max_length=manifest.max_length)
-        self._session = create_session(
-            directory / GRAPH_NAME, providers=providers, intra_op_threads=intra_op_threads
-        )
-        check_signature(
-            self._session,
+        self.model_session = ModelSession(
             directory,
-            inputs=("input_ids", "attention_mask"),
-            dimension=manifest.dimension,
+            manifest,
+            GRAPH_NAME,
+            settings,
+            check=lambda graph: check_signature(
+                graph,
+                directory,
+                inputs=("input_ids", "attention_mask"),
+                dimension=manifest.dimension,
+            ),
+            shapes={"input_ids": ("batch", "sequence"), "attention_mask": ("batch", "sequence")},
+            max_batch=batching.max_batch,
         )
+        self._batcher: MicroBatcher[str, Vector] = MicroBatcher.from_settings(
+            self._embed_batch, batching, name=f"{manifest.name}/{GRAPH_NAME}"
+        )
+
+    @property
+    def runtime(self) -> ModelRuntime:
+        """What the graph really runs on (providers, precision, warm-up), for the logs."""
+        return ModelRuntime(model_id=self.model_id, graphs=(self.model_session.runtime,))
 
     async def embed_texts(self, texts: Sequence[str]) -> Vector:
         """L2-normalised embeddings of ``texts``, float32 of shape ``(len(texts), dimension)``.
 
-        Tokenizing and inference run in a worker thread, off the event loop.
+        The texts join a batch with other callers' texts (padded to the longest of the batch,
+        which the graph masks); tokenizing and inference run in a worker thread, off the event
+        loop.
+
+        Raises:
+            TypeError: an item is not a string.
         """
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        return await asyncio.to_thread(self._embed, list(texts))
+        # Checked here, so that one caller's wrong input cannot fail a batch shared with others.
+        if not all(isinstance(text, str) for text in texts):
+            raise TypeError("texts must be strings")
+        return np.stack(await self._batcher.submit(list(texts)))
 
-    def _embed(self, texts: list[str]) -> Vector:
+    async def aclose(self) -> None:
+        """Stop batching: callers still waiting fail, a running batch completes."""
+        await self._batcher.aclose()
+
+    def _embed_batch(self, texts: list[str]) -> list[Vector]:
         input_ids, attention_mask = encode_batch(self._tokenizer, texts)
-        (embeddings,) = self._session.run(
-            None, {"input_ids": input_ids, "attention_mask": attention_mask}
+        (embeddings,) = self.model_session.run(
+            {"input_ids": input_ids, "attention_mask": attention_mask}
         )
-        return np.asarray(embeddings, dtype=np.float32)
+        return list(np.asarray(embeddings, dtype=np.float32))

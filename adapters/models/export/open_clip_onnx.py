@@ -7,7 +7,9 @@ BERT text tower); this module loads such a model the way open_clip does (``local
 ``hf-hub:ORG/NAME`` on a connected machine), writes each tower as an ONNX graph ending in L2
 normalisation, writes the tokenizer and the image preprocessing beside them, and accepts the result
 only when the graphs, fed by the service's own tokenization and preprocessing, reproduce the torch
-model. The tiny placeholder model goes through exactly this code.
+model. Precision variants of both towers (fp16, int8) are written beside them and measured against
+torch (:mod:`adapters.models.export.precision`). The tiny placeholder model goes through exactly
+this code.
 
 Layout written::
 
@@ -15,6 +17,7 @@ Layout written::
     text.onnx         input_ids (batch, sequence) int64, padded with the pad id -> embeddings
     tokenizer.json    the model's tokenizer, truncating at the context length, padding to longest
     preprocess.json   image_size, mean, std, interpolation, resize_mode
+    image.fp16.onnx, text.fp16.onnx, image.int8.onnx, text.int8.onnx   (precision variants)
     manifest.json
 """
 
@@ -36,6 +39,12 @@ from adapters.models.export import torchvision_standin
 from adapters.models.export.graph import DEFAULT_OPSET, export_graph
 from adapters.models.export.output import created_by, staged_directory
 from adapters.models.export.parity import ParityError, require_parity
+from adapters.models.export.precision import (
+    DEFAULT_PRECISIONS,
+    Feeds,
+    by_precision,
+    write_precision_variants,
+)
 from adapters.models.manifest import Manifest, Parity, hash_files, save_manifest
 from adapters.models.preprocess import PREPROCESS_NAME, ImagePreprocessing, preprocess_images
 from adapters.models.session import create_session
@@ -126,6 +135,7 @@ def export_open_clip(
     description: str | None = None,
     provenance: str | None = None,
     opset: int = DEFAULT_OPSET,
+    precisions: Sequence[str] = DEFAULT_PRECISIONS,
 ) -> Path:
     """Export an open_clip model with a Hugging Face text tower to ``out_dir``.
 
@@ -136,13 +146,16 @@ def export_open_clip(
         description: the line shown to clinicians; defaults to one naming the source.
         provenance: what the manifest records as the source; defaults to ``source``.
         opset: ONNX opset version.
+        precisions: the precision variants to write for both towers (``()`` for none); for the
+            tiny model they add about 1 s.
 
     Returns:
         The model directory.
 
     Raises:
         ValueError: the model's tokenizer or preprocessing is one the service cannot reproduce.
-        ParityError: the graphs (or the saved tokenizer) do not reproduce the torch model.
+        ParityError: the graphs (or the saved tokenizer) do not reproduce the torch model, or a
+            variant is below its bound (see :mod:`adapters.models.export.precision`).
         FileExistsError: ``out_dir`` holds files.
 
     Example:
@@ -190,6 +203,33 @@ def export_open_clip(
         text_cosine = _text_parity(
             model, reference_tokenizer, staging / TEXT_GRAPH_NAME, tokenizer, pad_id
         )
+        variants = {
+            IMAGE_GRAPH_NAME: write_precision_variants(
+                staging / IMAGE_GRAPH_NAME,
+                [
+                    {"pixel_values": preprocess_images(batch, settings)}
+                    for batch in (images, images[3:4])
+                ],
+                reference=lambda feeds: [_torch_images(model, feeds)],
+                reference_name="torch eager",
+                inputs=f"{len(images)} synthetic images in batches of {len(images)} and 1",
+                precisions=precisions,
+            ),
+            TEXT_GRAPH_NAME: write_precision_variants(
+                staging / TEXT_GRAPH_NAME,
+                [
+                    {"input_ids": encode_batch(tokenizer, [clean_text(t) for t in batch])[0]}
+                    for batch in _TEXT_BATCHES
+                ],
+                reference=lambda feeds: [_torch_texts(model, feeds)],
+                reference_name="torch eager",
+                inputs=(
+                    f"{len(_PARITY_TEXTS)} texts in padded batches of "
+                    f"{', '.join(str(len(b)) for b in _TEXT_BATCHES)}"
+                ),
+                precisions=precisions,
+            ),
+        }
         manifest = Manifest(
             name=name,
             kind="image-text-embedder",
@@ -216,6 +256,7 @@ def export_open_clip(
             created_by=created_by(
                 __name__, "torch", "open_clip_torch", "timm", "transformers", "onnx"
             ),
+            variants=by_precision(variants),
         )
         save_manifest(manifest, staging)
     logger.info(
@@ -274,6 +315,22 @@ def _write_tokenizer(reference: Any, path: Path, context_length: int, pad_id: in
     tokenizer.save(str(path))
 
 
+def _torch_images(model: torch.nn.Module, feeds: Feeds) -> npt.NDArray[np.float32]:
+    with torch.no_grad():
+        embeddings: torch.Tensor = model.encode_image(  # type: ignore[operator]
+            torch.from_numpy(feeds["pixel_values"]), normalize=True
+        )
+    return embeddings.numpy()
+
+
+def _torch_texts(model: torch.nn.Module, feeds: Feeds) -> npt.NDArray[np.float32]:
+    with torch.no_grad():
+        embeddings: torch.Tensor = model.encode_text(  # type: ignore[operator]
+            torch.from_numpy(feeds["input_ids"]), normalize=True
+        )
+    return embeddings.numpy()
+
+
 def _image_parity(
     model: torch.nn.Module,
     graph: Path,
@@ -284,10 +341,7 @@ def _image_parity(
     worst, dimension = 1.0, 0
     for batch in (images, images[3:4]):
         pixel_values = preprocess_images(batch, settings)
-        with torch.no_grad():
-            expected = model.encode_image(  # type: ignore[operator]
-                torch.from_numpy(pixel_values), normalize=True
-            ).numpy()
+        expected = _torch_images(model, {"pixel_values": pixel_values})
         (actual,) = session.run(None, {"pixel_values": pixel_values})
         worst = min(worst, require_parity(expected, actual, "image tower"))
         dimension = int(expected.shape[1])

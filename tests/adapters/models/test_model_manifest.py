@@ -29,7 +29,9 @@ def model_copy(tiny_dir: Path, tmp_path: Path) -> Path:
 
 def test_intact_directory_loads_with_its_identity(model_copy: Path) -> None:
     manifest = load_manifest(model_copy)
-    assert set(manifest.files) == {"image.onnx", "text.onnx", "tokenizer.json", "preprocess.json"}
+    graphs = {"image.onnx", "text.onnx"}
+    variants = {graph.replace(".onnx", f".{p}.onnx") for graph in graphs for p in ("fp16", "int8")}
+    assert set(manifest.files) == {*graphs, *variants, "tokenizer.json", "preprocess.json"}
     assert manifest.files == hash_files(model_copy)
     assert re.fullmatch(r"tiny-biomedclip@[0-9a-f]{12}", manifest.model_id)
     assert read_manifest(model_copy) == manifest
@@ -73,7 +75,7 @@ def test_missing_or_malformed_manifest_is_refused(model_copy: Path) -> None:
     path.write_text(json.dumps({**raw, "description": "two\nlines"}))
     with pytest.raises(ManifestError, match="one non-empty line"):
         read_manifest(model_copy)
-    path.write_text(json.dumps({**raw, "kind": "reranker"}))
+    path.write_text(json.dumps({**raw, "kind": "segmenter"}))
     with pytest.raises(ManifestError, match="unknown model kind"):
         read_manifest(model_copy)
 

@@ -11,9 +11,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertModel
 
+from adapters.models.batching import BatchSettings
 from adapters.models.export.minilm import minilm_source
 from adapters.models.export.parity import MIN_COSINE, min_cosine
 from adapters.models.manifest import ManifestError, load_manifest
+from adapters.models.session import SessionSettings
 from adapters.models.text import OnnxTextEmbedder
 from core.ports import TextEmbedder
 
@@ -105,3 +107,35 @@ def test_similarities_are_semantically_sensible(embedder: OnnxTextEmbedder) -> N
 def test_refuses_an_image_text_model_directory(tiny_dir: Path) -> None:
     with pytest.raises(ManifestError, match="not 'text-embedder'"):
         OnnxTextEmbedder(tiny_dir)
+
+
+def test_concurrent_queries_share_runs_and_get_their_own_embeddings(minilm_dir: Path) -> None:
+    embedder = OnnxTextEmbedder(
+        minilm_dir, providers="cpu", batching=BatchSettings(max_batch=32, max_wait_ms=2.0)
+    )
+    # Lengths from 2 to about 100 tokens: each batch is padded to its longest text.
+    texts = [f"Finding {n}: " + "pleural effusion and atelectasis, " * (n % 9) for n in range(32)]
+
+    async def concurrently() -> tuple[list[np.ndarray], int]:
+        before = embedder.model_session.runs
+        vectors = await asyncio.gather(*(embedder.embed_texts([text]) for text in texts))
+        return vectors, embedder.model_session.runs - before
+
+    vectors, runs = asyncio.run(concurrently())
+    assert runs <= 2
+    for text, batched in zip(texts, vectors, strict=True):
+        assert min_cosine(embed(embedder, [text]), batched) >= 0.99999
+
+
+def test_runtime_and_settings(minilm_dir: Path, embedder: OnnxTextEmbedder) -> None:
+    (graph,) = embedder.runtime.graphs
+    assert (graph.graph, graph.file, graph.precision) == ("model.onnx", "model.onnx", "fp32")
+    assert graph.providers == ("CPUExecutionProvider",)
+    assert embedder.runtime.model_id == embedder.model_id
+    int8 = OnnxTextEmbedder(minilm_dir, session=SessionSettings(providers="cpu", precision="int8"))
+    assert int8.runtime.graphs[0].file == "model.int8.onnx"
+    assert int8.model_id == embedder.model_id
+    with pytest.raises(TypeError, match="strings"):
+        embed(embedder, ["effusion", 3])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="not both"):
+        OnnxTextEmbedder(minilm_dir, session=SessionSettings(), intra_op_threads=1)
