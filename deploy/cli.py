@@ -4,26 +4,44 @@
 * ``medirag demo``: the whole path end to end on the embedded defaults (see deploy/demo.py).
 * ``medirag feedback report``: what clinicians did with the cards issued (see
   deploy/feedback_report.py).
+* ``medirag models export|build-tiny|verify``: fill and check the model folders (see
+  deploy/model_commands.py).
+* ``medirag bench embed``: ONNX Runtime against torch eager on the same weights (see
+  deploy/bench_embed.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
 import uvicorn
 from rich.console import Console
 
+from adapters.models.manifest import Manifest
 from adapters.store.schema import IndexModelMismatch
 from core.errors import SourceUnavailable
 from core.feedback import FeedbackReport
+from deploy.bench_embed import print_report as print_bench_report
+from deploy.bench_embed import run_bench
 from deploy.default_models import ExportUnavailable
 from deploy.demo import missing_shared_data, print_result, run_demo
 from deploy.feedback_report import print_report
 from deploy.logs import configure_logging
+from deploy.model_commands import (
+    BIOMEDCLIP_HUB,
+    ExportFailed,
+    ExportKind,
+    Size,
+    build_tiny_models,
+    export_model,
+    verify_models,
+)
 from deploy.server import server_config
 from deploy.settings import Settings
 from deploy.wiring import (
@@ -46,7 +64,13 @@ app = typer.Typer(
 _err = Console(stderr=True)
 
 # What a user can fix: said in one line, exit status 2, no traceback.
-_USER_ERRORS = (ConfigurationError, ExportUnavailable, IndexModelMismatch, SourceUnavailable)
+_USER_ERRORS = (
+    ConfigurationError,
+    ExportFailed,
+    ExportUnavailable,
+    IndexModelMismatch,
+    SourceUnavailable,
+)
 
 
 def _fail(error: Exception) -> typer.Exit:
@@ -138,3 +162,107 @@ def feedback_report(
     except _USER_ERRORS as error:
         raise _fail(error) from None
     print_report(report, as_json=as_json, out=Console(soft_wrap=as_json))
+
+
+models = typer.Typer(no_args_is_help=True, help="Export, build and verify the model folders.")
+app.add_typer(models, name="models")
+
+
+@models.command("export")
+def models_export(
+    kind: Annotated[ExportKind, typer.Argument(help="Which model to export.")],
+    out: Annotated[Path, typer.Option(help="The model folder to create (new or empty).")],
+    source: Annotated[
+        str | None,
+        typer.Option(
+            help=f"biomedclip: hf-hub:ORG/NAME or local-dir:PATH (default {BIOMEDCLIP_HUB}); "
+            "bge-m3 and reranker: a local model folder; minilm: none (the PyPI package)."
+        ),
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Short name shown on the cards.")] = None,
+    description: Annotated[
+        str | None, typer.Option(help="The line clinicians are shown about the model.")
+    ] = None,
+) -> None:
+    """Export a model to ONNX with its tokenizer and manifest, after checking parity with the
+    original. For the reranker, name the folder after its FlashRank model name."""
+    configure_logging("text", level=logging.INFO)
+    try:
+        manifest = export_model(kind, out, source=source, name=name, description=description)
+    except _USER_ERRORS as error:
+        raise _fail(error) from None
+    _print_manifest(out, manifest)
+
+
+@models.command("build-tiny")
+def models_build_tiny(
+    out: Annotated[
+        Path | None, typer.Option(help="Models folder (default: MEDIRAG_MODELS_DIR).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    size: Annotated[
+        Size,
+        typer.Option(help="tiny: tests and demos; real: original sizes, for speed only."),
+    ] = "tiny",
+) -> None:
+    """Build seeded random models of the three architectures (BiomedCLIP, BGE-M3, cross-encoder
+    reranker) and export them through the same code as the real ones. Their outputs mean
+    nothing; they exist for tests, demos and speed measurements."""
+    configure_logging("text", level=logging.WARNING)
+    target = out or Settings().models_path
+    try:
+        build_tiny_models(target, seed=seed, size=size, say=_err.print)
+    except _USER_ERRORS as error:
+        raise _fail(error) from None
+
+
+@models.command("verify")
+def models_verify(
+    folders: Annotated[list[Path], typer.Argument(help="Model folders to check.")],
+) -> None:
+    """Check model folders against their manifests, as the service does before loading them."""
+    refused = 0
+    for folder, result in verify_models(folders):
+        if isinstance(result, Manifest):
+            _print_manifest(folder, result)
+        else:
+            refused += 1
+            _err.print(f"[red]refused:[/red] {result}")
+    if refused:
+        raise typer.Exit(1)
+
+
+def _print_manifest(folder: Path, manifest: Manifest) -> None:
+    Console().print(
+        f"{folder}: {manifest.model_id} ({manifest.kind}, {manifest.dimension}-d, "
+        f"{manifest.precision}); parity {manifest.parity.min_cosine:.6f}: "
+        f"{manifest.parity.compared}"
+    )
+
+
+bench = typer.Typer(no_args_is_help=True, help="Measure speed.")
+app.add_typer(bench, name="bench")
+
+
+@bench.command("embed")
+def bench_embed(
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Tiny models and short runs (a few minutes).")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    work_dir: Annotated[
+        Path | None, typer.Option(help="Where to build the models (default: a temporary folder).")
+    ] = None,
+) -> None:
+    """Items per second of ONNX Runtime and torch eager on the same weights, batches of 1, 8
+    and 32, image and text, in one run (and the CUDA and TensorRT providers, fp16, batches up
+    to 256, on an NVIDIA GPU). Needs the export extra."""
+    configure_logging("text", level=logging.WARNING)
+    try:
+        report = run_bench(quick=quick, say=_err.print, work_dir=work_dir)
+    except ImportError as error:
+        raise _fail(ExportFailed(f"the benchmark needs the export extra: {error}")) from None
+    if as_json:
+        Console(soft_wrap=True).print_json(json.dumps(report.to_json()))
+    else:
+        print_bench_report(report, out=Console())

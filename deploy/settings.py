@@ -34,6 +34,15 @@ class Settings(BaseSettings):
     image_model: str = "tiny-biomedclip"
     text_model: str = "minilm"
     onnx_providers: str = "auto"
+    onnx_precision: Literal["auto", "fp32", "fp16", "int8"] = "auto"
+    onnx_graph_optimization: Literal["disabled", "basic", "extended", "all"] = "all"
+    onnx_intra_op_threads: int | None = Field(default=None, ge=1)
+    onnx_inter_op_threads: int | None = Field(default=None, ge=1)
+    onnx_warmup: bool = True
+    onnx_trt_cache_dir: Path | None = None
+    onnx_device_id: int = Field(default=0, ge=0)
+    batch_max: int = Field(default=32, ge=1, le=1024)
+    batch_max_wait_ms: float = Field(default=2.0, ge=0, le=1000)
     dicomweb_url: str | None = None
     dicomweb_username: str | None = None
     dicomweb_password: SecretStr | None = None

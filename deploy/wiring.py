@@ -25,8 +25,10 @@ from adapters.fhir.prefetch import PrefetchRecords
 from adapters.fhir.resilience import BreakerRegistry, RetryPolicy
 from adapters.imaging.archive import DicomArchive
 from adapters.imaging.dicomweb import open_dicomweb_archive
+from adapters.models.batching import BatchSettings
 from adapters.models.clip import OnnxClipEmbedder
 from adapters.models.manifest import ManifestError
+from adapters.models.session import SessionSettings
 from adapters.models.text import OnnxTextEmbedder
 from adapters.store.embedded import EmbeddedPostgres
 from adapters.store.ledger import PgCardLedger
@@ -99,15 +101,32 @@ class Components:
 def _load_models(settings: Settings) -> tuple[OnnxClipEmbedder, OnnxTextEmbedder]:
     image_dir = settings.models_path / settings.image_model
     text_dir = settings.models_path / settings.text_model
+    batching = BatchSettings(max_batch=settings.batch_max, max_wait_ms=settings.batch_max_wait_ms)
     try:
-        return (
-            OnnxClipEmbedder(image_dir, providers=settings.onnx_providers),
-            OnnxTextEmbedder(text_dir, providers=settings.onnx_providers),
+        session = SessionSettings(
+            providers=settings.onnx_providers,
+            precision=settings.onnx_precision,
+            graph_optimization=settings.onnx_graph_optimization,
+            intra_op_threads=settings.onnx_intra_op_threads,
+            inter_op_threads=settings.onnx_inter_op_threads,
+            warmup=settings.onnx_warmup,
+            trt_cache_dir=settings.onnx_trt_cache_dir,
+            device_id=settings.onnx_device_id,
+        )
+        models = (
+            OnnxClipEmbedder(image_dir, session=session, batching=batching),
+            OnnxTextEmbedder(text_dir, session=session, batching=batching),
         )
     except ManifestError as error:
         raise ConfigurationError(
             f"{error}. `medirag demo` builds the default models into {settings.models_path}."
         ) from error
+    except ValueError as error:
+        raise ConfigurationError(f"ONNX Runtime settings: {error}") from error
+    for model in models:
+        for graph in model.runtime.graphs:
+            log.info("model graph loaded", extra=graph.to_log())
+    return models
 
 
 def _open_imaging(settings: Settings) -> DicomArchive:
@@ -151,6 +170,8 @@ async def open_components(settings: Settings) -> AsyncIterator[Components]:
     """
     image_model, text_model = _load_models(settings)
     async with AsyncExitStack() as stack:
+        stack.push_async_callback(image_model.aclose)
+        stack.push_async_callback(text_model.aclose)
         dsn = settings.dsn
         if not dsn:
             embedded = stack.enter_context(EmbeddedPostgres(settings.postgres_path))

@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import tempfile
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
@@ -29,8 +30,10 @@ from adapters.models.export.open_clip_onnx import export_open_clip
 
 __all__ = [
     "BERT_SPECIAL_TOKENS",
+    "REAL_SIZE_NAME",
     "TINY_NAME",
     "TINY_VIT",
+    "ModelSize",
     "build_tiny_biomedclip",
     "corpus_wordpiece_tokenizer",
     "medirag_tiny_vit_patch16_224",
@@ -45,8 +48,33 @@ TINY_VIT = "medirag_tiny_vit_patch16_224"
 
 CORPUS = Path(__file__).with_name("tiny_corpus.txt")
 
-_EMBED_DIM = 64
 _CONTEXT_LENGTH = 256
+
+ModelSize = Literal["tiny", "real"]
+"""``tiny``: a few narrow layers, for tests and demos. ``real``: the original model's dimensions
+with random weights, for speed measurements."""
+
+REAL_SIZE_NAME = "random-biomedclip"
+"""Manifest name of the full-size random build."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Dimensions:
+    vision: str
+    embed_dim: int
+    text_width: int
+    text_layers: int
+    text_heads: int
+    text_intermediate: int
+    vocab_size: int
+    max_positions: int
+
+
+_SIZES = {
+    "tiny": _Dimensions(TINY_VIT, 64, 64, 2, 2, 128, 0, _CONTEXT_LENGTH),
+    # BiomedCLIP-PubMedBERT_256-vit_base_patch16_224's open_clip and BERT configurations.
+    "real": _Dimensions("vit_base_patch16_224", 512, 768, 12, 12, 3072, 30522, 512),
+}
 # OpenAI CLIP's normalisation, which BiomedCLIP uses.
 _MEAN = (0.48145466, 0.4578275, 0.40821073)
 _STD = (0.26862954, 0.26130258, 0.27577711)
@@ -87,7 +115,9 @@ def register_tiny_vit() -> str:
     return TINY_VIT
 
 
-def write_tiny_biomedclip_source(source_dir: Path | str, *, seed: int = 0) -> Path:
+def write_tiny_biomedclip_source(
+    source_dir: Path | str, *, seed: int = 0, size: ModelSize = "tiny"
+) -> Path:
     """Write the tiny model as an open_clip ``local-dir`` folder, with seeded random weights.
 
     The folder holds ``open_clip_config.json``, ``open_clip_model.safetensors``, the tokenizer
@@ -98,11 +128,15 @@ def write_tiny_biomedclip_source(source_dir: Path | str, *, seed: int = 0) -> Pa
     Args:
         source_dir: the folder to write; created if needed.
         seed: seed of the weights; the same seed gives the same weights.
+        size: ``"tiny"``, or ``"real"`` for BiomedCLIP's own dimensions (ViT-B/16, a 12-layer
+            BERT of width 768 with PubMedBERT's 30,522-token vocabulary size, 512-dimensional
+            embeddings), randomly initialised, for speed measurements only.
 
     Returns:
         The folder.
     """
     register_tiny_vit()
+    dims = _SIZES[size]
     import open_clip
     from safetensors.torch import save_file
     from transformers import BertConfig, PreTrainedTokenizerFast
@@ -116,19 +150,21 @@ def write_tiny_biomedclip_source(source_dir: Path | str, *, seed: int = 0) -> Pa
     )
     hf_tokenizer.save_pretrained(str(source_dir))
     BertConfig(
-        vocab_size=tokenizer.get_vocab_size(),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=_CONTEXT_LENGTH,
+        # The real size keeps PubMedBERT's vocabulary size, so the embedding table is real-sized;
+        # ids past the corpus vocabulary are simply never produced.
+        vocab_size=max(tokenizer.get_vocab_size(), dims.vocab_size),
+        hidden_size=dims.text_width,
+        num_hidden_layers=dims.text_layers,
+        num_attention_heads=dims.text_heads,
+        intermediate_size=dims.text_intermediate,
+        max_position_embeddings=dims.max_positions,
         pad_token_id=tokenizer.token_to_id(BERT_SPECIAL_TOKENS["pad_token"]),
     ).save_pretrained(str(text_dir))
     config = {
         "model_cfg": {
-            "embed_dim": _EMBED_DIM,
+            "embed_dim": dims.embed_dim,
             "vision_cfg": {
-                "timm_model_name": TINY_VIT,
+                "timm_model_name": dims.vision,
                 "timm_model_pretrained": False,
                 "timm_pool": "",
                 "timm_proj": "linear",
@@ -157,31 +193,35 @@ def write_tiny_biomedclip_source(source_dir: Path | str, *, seed: int = 0) -> Pa
 
 
 def build_tiny_biomedclip(
-    out_dir: Path | str, *, seed: int = 0, opset: int = DEFAULT_OPSET
+    out_dir: Path | str, *, seed: int = 0, size: ModelSize = "tiny", opset: int = DEFAULT_OPSET
 ) -> Path:
     """Build the tiny model and export it to ``out_dir`` as an ``image-text-embedder``.
 
     Args:
         out_dir: the model directory to create; must not exist or be empty.
         seed: seed of the random weights; the same seed gives identical files.
+        size: ``"tiny"``, or ``"real"`` for BiomedCLIP's dimensions with random weights (see
+            :func:`write_tiny_biomedclip_source`; for speed measurements).
         opset: ONNX opset version.
 
     Returns:
-        The model directory, named ``tiny-biomedclip`` in its manifest, 64-dimensional.
+        The model directory, named ``tiny-biomedclip`` (64-dimensional) or
+        ``random-biomedclip`` (512-dimensional) in its manifest.
 
     Example:
         >>> build_tiny_biomedclip("/models/tiny-biomedclip")  # doctest: +SKIP
         PosixPath('/models/tiny-biomedclip')
     """
     with tempfile.TemporaryDirectory(prefix="tiny-biomedclip-source-") as scratch:
-        source = write_tiny_biomedclip_source(Path(scratch) / "source", seed=seed)
+        source = write_tiny_biomedclip_source(Path(scratch) / "source", seed=seed, size=size)
         return export_open_clip(
             f"local-dir:{source}",
             out_dir,
-            name=TINY_NAME,
+            name=TINY_NAME if size == "tiny" else REAL_SIZE_NAME,
             description=(
-                "Tiny RANDOM placeholder with BiomedCLIP's architecture, never trained: its "
-                "similarities mean nothing (for demos and tests only)."
+                f"{'Tiny' if size == 'tiny' else 'Full-size'} RANDOM placeholder with "
+                "BiomedCLIP's architecture, never trained: its similarities mean nothing "
+                f"(for {'demos and tests' if size == 'tiny' else 'speed measurements'} only)."
             ),
             provenance=(
                 f"random initialisation, seed {seed}; vocabulary counted from "
