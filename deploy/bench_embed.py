@@ -32,7 +32,9 @@ __all__ = [
     "PEAK_FLOPS",
     "BenchReport",
     "BenchRow",
+    "cpu_rows",
     "flop_fraction",
+    "gpu_rows",
     "print_report",
     "run_bench",
 ]
@@ -147,8 +149,8 @@ def run_bench(
                 "flops_per_item": flops,
             }
             say(f"timing {workload.name}")
-            report.rows += _cpu_rows(workload, min_seconds)
-            report.rows += _gpu_rows(workload, gpu, flops, min_seconds, Path(scratch) / "trt")
+            report.rows += cpu_rows(workload, min_seconds)
+            report.rows += gpu_rows(workload, gpu, flops, min_seconds, Path(scratch) / "trt")
     return report
 
 
@@ -210,7 +212,9 @@ def _session(workload: Any, settings: Any, max_batch: int) -> Any:
     )
 
 
-def _cpu_rows(workload: Any, min_seconds: float) -> list[BenchRow]:
+def cpu_rows(workload: Any, min_seconds: float) -> list[BenchRow]:
+    """torch eager and onnxruntime (fp32, and int8 where the model has that variant) on the CPU,
+    at each of :data:`CPU_BATCHES`, with onnxruntime's speed-up over torch."""
     from adapters.models.export.speed import time_runs
     from adapters.models.session import SessionSettings
 
@@ -240,9 +244,12 @@ _GPU_CONFIGURATIONS: tuple[tuple[str, Precision], ...] = (
 )
 
 
-def _gpu_rows(
+def gpu_rows(
     workload: Any, gpu: str | None, flops: float, min_seconds: float, trt_cache: Path
 ) -> list[BenchRow]:
+    """onnxruntime's CUDA provider in fp32 and fp16 and TensorRT in fp16 at each of
+    :data:`GPU_BATCHES`, with the fraction of the GPU's peak FLOP rate; rows saying "not
+    measured" (and why) where there is no GPU or no CUDA provider."""
     from adapters.models.export.speed import time_runs
     from adapters.models.session import SessionSettings
 

@@ -258,7 +258,7 @@ def minilm_workload(model_dir: Path, *, passage_words: int = 200) -> Workload:
         graph=GRAPH_NAME,
         torch_forward=forward,
         feeds=feeds,
-        item=f"abstract-length passage ({_tokens(feeds(1))} tokens)",
+        item=f"passage ({_tokens(feeds(1))} tokens)",
     )
 
 
@@ -295,7 +295,7 @@ def bge_m3_workload(source_dir: Path, model_dir: Path, *, passage_words: int = 2
         graph=GRAPH_NAME,
         torch_forward=forward,
         feeds=feeds,
-        item=f"abstract-length passage ({_tokens(feeds(1))} tokens)",
+        item=f"passage ({_tokens(feeds(1))} tokens)",
     )
 
 
