@@ -19,18 +19,18 @@ from pathlib import Path
 import numpy as np
 
 from adapters.models.batching import BatchSettings, MicroBatcher
-from adapters.models.manifest import ManifestError, load_manifest
+from adapters.models.manifest import ManifestError
 from adapters.models.preprocess import PREPROCESS_NAME, ImagePreprocessing, preprocess_image
+from adapters.models.served import ServedModel
 from adapters.models.session import (
     ModelRuntime,
     ModelSession,
     ProviderPreference,
     SessionSettings,
     check_signature,
-    session_settings,
 )
-from adapters.models.tokenization import TOKENIZER_NAME, encode_batch, load_tokenizer
-from core.types import ModelCard, Vector
+from adapters.models.tokenization import encode_batch
+from core.types import Vector
 
 __all__ = ["IMAGE_GRAPH_NAME", "TEXT_GRAPH_NAME", "OnnxClipEmbedder", "clean_text"]
 
@@ -55,7 +55,7 @@ def clean_text(text: str) -> str:
     return " ".join(html.unescape(html.unescape(text)).split())
 
 
-class OnnxClipEmbedder:
+class OnnxClipEmbedder(ServedModel):
     """Image and findings embeddings from an exported ``image-text-embedder`` directory.
 
     The directory is verified against its manifest before anything is loaded.
@@ -101,23 +101,23 @@ class OnnxClipEmbedder:
         providers: ProviderPreference | None = None,
         intra_op_threads: int | None = None,
     ) -> None:
-        directory = Path(directory)
-        settings = session_settings(session, providers=providers, intra_op_threads=intra_op_threads)
-        batching = batching or BatchSettings()
-        manifest = load_manifest(directory)
-        if manifest.kind != "image-text-embedder":
-            raise ManifestError(directory, f"kind is {manifest.kind!r}, not 'image-text-embedder'")
+        super().__init__(
+            directory,
+            "image-text-embedder",
+            session=session,
+            batching=batching,
+            providers=providers,
+            intra_op_threads=intra_op_threads,
+        )
+        directory, manifest = self.directory, self.manifest
+        settings, batching = self.session_settings, self.batch_settings
         try:
             self.preprocessing = ImagePreprocessing.load(directory / PREPROCESS_NAME)
         except ValueError as error:
             raise ManifestError(directory, str(error)) from None
         if self.preprocessing.image_size != manifest.image_size:
             raise ManifestError(directory, f"{PREPROCESS_NAME} disagrees with the manifest")
-        self.manifest = manifest
-        self.model_id = manifest.model_id
-        self.card: ModelCard = manifest.card
         self.dimension: int = manifest.dimension
-        self._tokenizer = load_tokenizer(directory / TOKENIZER_NAME, max_length=manifest.max_length)
         size = self.preprocessing.image_size
         self.image_session = ModelSession(
             directory,

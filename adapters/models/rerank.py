@@ -36,17 +36,15 @@ import numpy.typing as npt
 from tokenizers import Tokenizer
 
 from adapters.models.batching import BatchSettings, MicroBatcher
-from adapters.models.manifest import ManifestError, load_manifest
+from adapters.models.manifest import ManifestError
+from adapters.models.served import ServedModel
 from adapters.models.session import (
     ModelRuntime,
     ModelSession,
     ProviderPreference,
     SessionSettings,
     check_signature,
-    session_settings,
 )
-from adapters.models.tokenization import TOKENIZER_NAME, load_tokenizer
-from core.types import ModelCard
 
 __all__ = [
     "FLASHRANK_GRAPHS",
@@ -77,7 +75,7 @@ PairBatch = tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.i
 """``(input_ids, attention_mask, token_type_ids)``, int64 of shape ``(N, longest)``."""
 
 
-class OnnxReranker:
+class OnnxReranker(ServedModel):
     """Relevance scores of (query, passage) pairs from an exported ``reranker`` directory.
 
     The directory is verified against its manifest before anything is loaded. Its name does not
@@ -122,21 +120,21 @@ class OnnxReranker:
         providers: ProviderPreference | None = None,
         intra_op_threads: int | None = None,
     ) -> None:
-        directory = Path(directory)
-        settings = session_settings(session, providers=providers, intra_op_threads=intra_op_threads)
-        batching = batching or BatchSettings()
-        manifest = load_manifest(directory)
-        if manifest.kind != "reranker":
-            raise ManifestError(directory, f"kind is {manifest.kind!r}, not 'reranker'")
+        super().__init__(
+            directory,
+            "reranker",
+            session=session,
+            batching=batching,
+            providers=providers,
+            intra_op_threads=intra_op_threads,
+        )
+        directory, manifest = self.directory, self.manifest
+        settings, batching = self.session_settings, self.batch_settings
         graphs = sorted(set(FLASHRANK_GRAPHS.values()) & set(manifest.files))
         if len(graphs) != 1:
             raise ManifestError(
                 directory, f"expected one of the graphs {sorted(FLASHRANK_GRAPHS.values())}"
             )
-        self.manifest = manifest
-        self.model_id = manifest.model_id
-        self.card: ModelCard = manifest.card
-        self._tokenizer = load_tokenizer(directory / TOKENIZER_NAME, max_length=manifest.max_length)
         self.model_session = ModelSession(
             directory,
             manifest,

@@ -23,16 +23,16 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from adapters.models.batching import BatchSettings, MicroBatcher
-from adapters.models.manifest import ManifestError, load_manifest
+from adapters.models.manifest import ManifestError, ModelKind
+from adapters.models.served import ServedModel
 from adapters.models.session import (
     ModelRuntime,
     ModelSession,
     ProviderPreference,
     SessionSettings,
-    session_settings,
 )
-from adapters.models.tokenization import TOKENIZER_NAME, encode_batch, load_tokenizer
-from core.types import ModelCard, Vector
+from adapters.models.tokenization import encode_batch
+from core.types import Vector
 
 __all__ = [
     "DENSE_OUTPUT",
@@ -60,7 +60,7 @@ special tokens FlagEmbedding leaves out of lexical weights."""
 SparseWeights = dict[int, float]
 """Lexical weights of one text: token id to weight, every weight positive."""
 
-_KIND = "dense-sparse-text-embedder"
+_KIND: ModelKind = "dense-sparse-text-embedder"
 
 
 def lexical_weights(
@@ -94,7 +94,7 @@ def lexical_weights(
     return result
 
 
-class OnnxBgeM3Embedder:
+class OnnxBgeM3Embedder(ServedModel):
     """Dense vectors and lexical weights from an exported ``dense-sparse-text-embedder``.
 
     The directory is verified against its manifest before anything is loaded. The graph runs in a
@@ -143,17 +143,17 @@ class OnnxBgeM3Embedder:
         providers: ProviderPreference | None = None,
         intra_op_threads: int | None = None,
     ) -> None:
-        directory = Path(directory)
-        settings = session_settings(session, providers=providers, intra_op_threads=intra_op_threads)
-        batching = batching or BatchSettings()
-        manifest = load_manifest(directory)
-        if manifest.kind != _KIND:
-            raise ManifestError(directory, f"kind is {manifest.kind!r}, not {_KIND!r}")
-        self.manifest = manifest
-        self.model_id = manifest.model_id
-        self.card: ModelCard = manifest.card
+        super().__init__(
+            directory,
+            _KIND,
+            session=session,
+            batching=batching,
+            providers=providers,
+            intra_op_threads=intra_op_threads,
+        )
+        directory, manifest = self.directory, self.manifest
+        settings, batching = self.session_settings, self.batch_settings
         self.dimension: int = manifest.dimension
-        self._tokenizer = load_tokenizer(directory / TOKENIZER_NAME, max_length=manifest.max_length)
         self.model_session = ModelSession(
             directory,
             manifest,

@@ -15,17 +15,16 @@ from pathlib import Path
 import numpy as np
 
 from adapters.models.batching import BatchSettings, MicroBatcher
-from adapters.models.manifest import ManifestError, load_manifest
+from adapters.models.served import ServedModel
 from adapters.models.session import (
     ModelRuntime,
     ModelSession,
     ProviderPreference,
     SessionSettings,
     check_signature,
-    session_settings,
 )
-from adapters.models.tokenization import TOKENIZER_NAME, encode_batch, load_tokenizer
-from core.types import ModelCard, Vector
+from adapters.models.tokenization import encode_batch
+from core.types import Vector
 
 __all__ = ["GRAPH_NAME", "OnnxTextEmbedder"]
 
@@ -33,7 +32,7 @@ GRAPH_NAME = "model.onnx"
 """File name of the text graph in a ``text-embedder`` directory."""
 
 
-class OnnxTextEmbedder:
+class OnnxTextEmbedder(ServedModel):
     """Text embeddings from an exported ``text-embedder`` directory.
 
     The directory is verified against its manifest before anything is loaded.
@@ -76,17 +75,17 @@ class OnnxTextEmbedder:
         providers: ProviderPreference | None = None,
         intra_op_threads: int | None = None,
     ) -> None:
-        directory = Path(directory)
-        settings = session_settings(session, providers=providers, intra_op_threads=intra_op_threads)
-        batching = batching or BatchSettings()
-        manifest = load_manifest(directory)
-        if manifest.kind != "text-embedder":
-            raise ManifestError(directory, f"kind is {manifest.kind!r}, not 'text-embedder'")
-        self.manifest = manifest
-        self.model_id = manifest.model_id
-        self.card: ModelCard = manifest.card
+        super().__init__(
+            directory,
+            "text-embedder",
+            session=session,
+            batching=batching,
+            providers=providers,
+            intra_op_threads=intra_op_threads,
+        )
+        directory, manifest = self.directory, self.manifest
+        settings, batching = self.session_settings, self.batch_settings
         self.dimension: int = manifest.dimension
-        self._tokenizer = load_tokenizer(directory / TOKENIZER_NAME, max_length=manifest.max_length)
         self.model_session = ModelSession(
             directory,
             manifest,

@@ -237,29 +237,8 @@ def minilm_workload(model_dir: Path, *, passage_words: int = 200) -> Workload:
     from adapters.models.export.minilm import MeanPooledBert, minilm_source
     from adapters.models.text import GRAPH_NAME
 
-    manifest = read_manifest(model_dir)
     module = MeanPooledBert(BertModel.from_pretrained(str(minilm_source()))).eval()
-    tokenizer = load_tokenizer(model_dir / TOKENIZER_NAME, max_length=manifest.max_length)
-    texts = passage_texts(passage_words)
-    names = ["input_ids", "attention_mask"]
-
-    def feeds(batch: int) -> Feeds:
-        return dict(zip(names, encode_batch(tokenizer, _cycled(texts, batch)), strict=True))
-
-    def forward(inputs: Feeds) -> Any:
-        with torch.inference_mode():
-            return module(*_tensors(inputs, names))
-
-    return Workload(
-        name=f"{manifest.name} text",
-        model_id=manifest.model_id,
-        modality="text",
-        directory=model_dir,
-        graph=GRAPH_NAME,
-        torch_forward=forward,
-        feeds=feeds,
-        item=f"passage ({_tokens(feeds(1))} tokens)",
-    )
+    return _passage_workload("text", module, model_dir, GRAPH_NAME, passage_words)
 
 
 def bge_m3_workload(source_dir: Path, model_dir: Path, *, passage_words: int = 200) -> Workload:
@@ -274,29 +253,8 @@ def bge_m3_workload(source_dir: Path, model_dir: Path, *, passage_words: int = 2
     from adapters.models.export.bge_m3 import dense_sparse_module, load_bge_m3
     from adapters.models.sparse_text import GRAPH_NAME
 
-    manifest = read_manifest(model_dir)
     module = dense_sparse_module(load_bge_m3(source_dir))
-    tokenizer = load_tokenizer(model_dir / TOKENIZER_NAME, max_length=manifest.max_length)
-    texts = passage_texts(passage_words)
-    names = ["input_ids", "attention_mask"]
-
-    def feeds(batch: int) -> Feeds:
-        return dict(zip(names, encode_batch(tokenizer, _cycled(texts, batch)), strict=True))
-
-    def forward(inputs: Feeds) -> Any:
-        with torch.inference_mode():
-            return module(*_tensors(inputs, names))
-
-    return Workload(
-        name=f"{manifest.name} dense+sparse",
-        model_id=manifest.model_id,
-        modality="text",
-        directory=model_dir,
-        graph=GRAPH_NAME,
-        torch_forward=forward,
-        feeds=feeds,
-        item=f"passage ({_tokens(feeds(1))} tokens)",
-    )
+    return _passage_workload("dense+sparse", module, model_dir, GRAPH_NAME, passage_words)
 
 
 def reranker_workload(source_dir: Path, model_dir: Path, *, passage_words: int = 200) -> Workload:
@@ -336,6 +294,34 @@ def reranker_workload(source_dir: Path, model_dir: Path, *, passage_words: int =
         torch_forward=forward,
         feeds=feeds,
         item=f"(question, passage) pair ({_tokens(feeds(1))} tokens)",
+    )
+
+
+def _passage_workload(
+    what: str, module: Any, model_dir: Path, graph: str, passage_words: int
+) -> Workload:
+    """A text model taking ``input_ids`` and ``attention_mask``, on passages."""
+    manifest = read_manifest(model_dir)
+    tokenizer = load_tokenizer(model_dir / TOKENIZER_NAME, max_length=manifest.max_length)
+    texts = passage_texts(passage_words)
+    names = ["input_ids", "attention_mask"]
+
+    def feeds(batch: int) -> Feeds:
+        return dict(zip(names, encode_batch(tokenizer, _cycled(texts, batch)), strict=True))
+
+    def forward(inputs: Feeds) -> Any:
+        with torch.inference_mode():
+            return module(*_tensors(inputs, names))
+
+    return Workload(
+        name=f"{manifest.name} {what}",
+        model_id=manifest.model_id,
+        modality="text",
+        directory=model_dir,
+        graph=graph,
+        torch_forward=forward,
+        feeds=feeds,
+        item=f"passage ({_tokens(feeds(1))} tokens)",
     )
 
 
