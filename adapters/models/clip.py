@@ -18,12 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from adapters.models.batching import BatchSettings, MicroBatcher
+from adapters.models.batching import BatchSettings
 from adapters.models.manifest import ManifestError
 from adapters.models.preprocess import PREPROCESS_NAME, ImagePreprocessing, preprocess_image
 from adapters.models.served import ServedModel
 from adapters.models.session import (
-    ModelRuntime,
     ModelSession,
     ProviderPreference,
     SessionSettings,
@@ -141,20 +140,8 @@ class OnnxClipEmbedder(ServedModel):
             shapes={"input_ids": ("batch", "sequence")},
             max_batch=batching.max_batch,
         )
-        self._images: MicroBatcher[Vector, Vector | ValueError] = MicroBatcher.from_settings(
-            self._embed_image_batch, batching, name=f"{manifest.name}/{IMAGE_GRAPH_NAME}"
-        )
-        self._texts: MicroBatcher[str, Vector] = MicroBatcher.from_settings(
-            self._embed_text_batch, batching, name=f"{manifest.name}/{TEXT_GRAPH_NAME}"
-        )
-
-    @property
-    def runtime(self) -> ModelRuntime:
-        """What the two towers really run on (providers, precision, warm-up), for the logs."""
-        return ModelRuntime(
-            model_id=self.model_id,
-            graphs=(self.image_session.runtime, self.text_session.runtime),
-        )
+        self._images = self._batched(self.image_session, self._embed_image_batch)
+        self._texts = self._batched(self.text_session, self._embed_text_batch)
 
     async def embed_images(self, images: Sequence[Vector]) -> Vector:
         """L2-normalised embeddings of ``(H, W)`` float images in ``[0, 1]`` (0 is black),
@@ -190,11 +177,6 @@ class OnnxClipEmbedder(ServedModel):
         if not all(isinstance(text, str) for text in texts):
             raise TypeError("findings must be strings")
         return np.stack(await self._texts.submit(list(texts)))
-
-    async def aclose(self) -> None:
-        """Stop batching: callers still waiting fail, a running batch completes."""
-        await self._images.aclose()
-        await self._texts.aclose()
 
     def _embed_image_batch(self, images: list[Vector]) -> list[Vector | ValueError]:
         # An invalid image fails its own caller only: its error takes its place in the results.

@@ -35,11 +35,10 @@ import numpy as np
 import numpy.typing as npt
 from tokenizers import Tokenizer
 
-from adapters.models.batching import BatchSettings, MicroBatcher
+from adapters.models.batching import BatchSettings
 from adapters.models.manifest import ManifestError
 from adapters.models.served import ServedModel
 from adapters.models.session import (
-    ModelRuntime,
     ModelSession,
     ProviderPreference,
     SessionSettings,
@@ -144,14 +143,7 @@ class OnnxReranker(ServedModel):
             shapes={name: ("batch", "sequence") for name in INPUT_NAMES},
             max_batch=batching.max_batch,
         )
-        self._batcher: MicroBatcher[tuple[str, str], np.float32] = MicroBatcher.from_settings(
-            self._score_batch, batching, name=f"{manifest.name}/{graphs[0]}"
-        )
-
-    @property
-    def runtime(self) -> ModelRuntime:
-        """What the graph really runs on (providers, precision, warm-up), for the logs."""
-        return ModelRuntime(model_id=self.model_id, graphs=(self.model_session.runtime,))
+        self._batcher = self._batched(self.model_session, self._score_batch)
 
     async def score(self, query: str, passages: Sequence[str]) -> npt.NDArray[np.float32]:
         """One relevance score in ``[0, 1]`` per passage, float32 of shape ``(len(passages),)``.
@@ -188,10 +180,6 @@ class OnnxReranker(ServedModel):
         if top_n is not None and top_n < 0:
             raise ValueError(f"top_n must be >= 0, got {top_n}")
         return rank_by_score(await self.score(query, passages), top_n=top_n)
-
-    async def aclose(self) -> None:
-        """Stop batching: callers still waiting fail, a running batch completes."""
-        await self._batcher.aclose()
 
     def _score_batch(self, pairs: list[tuple[str, str]]) -> list[np.float32]:
         input_ids, attention_mask, token_type_ids = encode_pair_batch(self._tokenizer, pairs)

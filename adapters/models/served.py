@@ -9,19 +9,32 @@ kind) and accept the same configuration (``session=`` or the ``providers=`` and
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
-from adapters.models.batching import BatchSettings
+from adapters.models.batching import BatchSettings, MicroBatcher
 from adapters.models.manifest import ManifestError, ModelKind, load_manifest
-from adapters.models.session import ProviderPreference, SessionSettings, session_settings
+from adapters.models.session import (
+    ModelRuntime,
+    ModelSession,
+    ProviderPreference,
+    SessionSettings,
+    session_settings,
+)
 from adapters.models.tokenization import TOKENIZER_NAME, load_tokenizer
 from core.types import ModelCard
 
 __all__ = ["ServedModel"]
 
+T = TypeVar("T")
+R = TypeVar("R")
+
 
 class ServedModel:
-    """A model folder verified against its manifest, ready for its graphs to be opened.
+    """A model folder verified against its manifest, ready for its graphs to be opened; each
+    graph's session and batcher are registered with :meth:`_batched`, which gives every subclass
+    the same :attr:`runtime` and :meth:`aclose`.
 
     Args:
         directory: the exported model folder.
@@ -73,3 +86,28 @@ class ServedModel:
         self._tokenizer = load_tokenizer(
             self.directory / TOKENIZER_NAME, max_length=manifest.max_length
         )
+        self._sessions: list[ModelSession] = []
+        self._batchers: list[MicroBatcher[Any, Any]] = []
+
+    @property
+    def runtime(self) -> ModelRuntime:
+        """What each graph really runs on (providers, precision, warm-up), for the logs."""
+        return ModelRuntime(
+            model_id=self.model_id, graphs=tuple(session.runtime for session in self._sessions)
+        )
+
+    async def aclose(self) -> None:
+        """Stop batching: callers still waiting fail, a running batch completes."""
+        for batcher in self._batchers:
+            await batcher.aclose()
+
+    def _batched(
+        self, session: ModelSession, fn: Callable[[list[T]], Sequence[R]]
+    ) -> MicroBatcher[T, R]:
+        """A batcher running ``fn`` (which runs ``session``) on simultaneous requests."""
+        batcher = MicroBatcher.from_settings(
+            fn, self.batch_settings, name=f"{self.manifest.name}/{session.graph}"
+        )
+        self._sessions.append(session)
+        self._batchers.append(batcher)
+        return batcher

@@ -22,11 +22,10 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from adapters.models.batching import BatchSettings, MicroBatcher
+from adapters.models.batching import BatchSettings
 from adapters.models.manifest import ManifestError, ModelKind
 from adapters.models.served import ServedModel
 from adapters.models.session import (
-    ModelRuntime,
     ModelSession,
     ProviderPreference,
     SessionSettings,
@@ -168,14 +167,7 @@ class OnnxBgeM3Embedder(ServedModel):
         outputs = [node.name for node in self.model_session.session.get_outputs()]
         self._dense_index = outputs.index(DENSE_OUTPUT)
         self._sparse_index = outputs.index(SPARSE_OUTPUT)
-        self._batcher: MicroBatcher[str, tuple[Vector, SparseWeights]] = MicroBatcher.from_settings(
-            self._encode_batch, batching, name=f"{manifest.name}/{GRAPH_NAME}"
-        )
-
-    @property
-    def runtime(self) -> ModelRuntime:
-        """What the graph really runs on (providers, precision, warm-up), for the logs."""
-        return ModelRuntime(model_id=self.model_id, graphs=(self.model_session.runtime,))
+        self._batcher = self._batched(self.model_session, self._encode_batch)
 
     async def embed_texts(self, texts: Sequence[str]) -> Vector:
         """L2-normalised dense vectors of ``texts``, float32 ``(len(texts), dimension)``.
@@ -217,10 +209,6 @@ class OnnxBgeM3Embedder(ServedModel):
             raise TypeError("texts must be strings")
         results = await self._batcher.submit(list(texts))
         return np.stack([dense for dense, _ in results]), [sparse for _, sparse in results]
-
-    async def aclose(self) -> None:
-        """Stop batching: callers still waiting fail, a running batch completes."""
-        await self._batcher.aclose()
 
     def _encode_batch(self, texts: list[str]) -> list[tuple[Vector, SparseWeights]]:
         input_ids, attention_mask = encode_batch(self._tokenizer, texts)

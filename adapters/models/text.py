@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from adapters.models.batching import BatchSettings, MicroBatcher
+from adapters.models.batching import BatchSettings
 from adapters.models.served import ServedModel
 from adapters.models.session import (
-    ModelRuntime,
     ModelSession,
     ProviderPreference,
     SessionSettings,
@@ -100,14 +99,7 @@ class OnnxTextEmbedder(ServedModel):
             shapes={"input_ids": ("batch", "sequence"), "attention_mask": ("batch", "sequence")},
             max_batch=batching.max_batch,
         )
-        self._batcher: MicroBatcher[str, Vector] = MicroBatcher.from_settings(
-            self._embed_batch, batching, name=f"{manifest.name}/{GRAPH_NAME}"
-        )
-
-    @property
-    def runtime(self) -> ModelRuntime:
-        """What the graph really runs on (providers, precision, warm-up), for the logs."""
-        return ModelRuntime(model_id=self.model_id, graphs=(self.model_session.runtime,))
+        self._batcher = self._batched(self.model_session, self._embed_batch)
 
     async def embed_texts(self, texts: Sequence[str]) -> Vector:
         """L2-normalised embeddings of ``texts``, float32 of shape ``(len(texts), dimension)``.
@@ -125,10 +117,6 @@ class OnnxTextEmbedder(ServedModel):
         if not all(isinstance(text, str) for text in texts):
             raise TypeError("texts must be strings")
         return np.stack(await self._batcher.submit(list(texts)))
-
-    async def aclose(self) -> None:
-        """Stop batching: callers still waiting fail, a running batch completes."""
-        await self._batcher.aclose()
 
     def _embed_batch(self, texts: list[str]) -> list[Vector]:
         input_ids, attention_mask = encode_batch(self._tokenizer, texts)
