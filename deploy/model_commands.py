@@ -170,7 +170,7 @@ def export_model(
         >>> export_model("bge-m3", Path("/models/bge-m3"), source="/downloads/bge-m3")
         ... # doctest: +SKIP
     """
-    if kind != "minilm" and kind != "biomedclip" and source is None:
+    if kind in ("bge-m3", "reranker") and source is None:
         raise ExportFailed(f"exporting {kind} needs --source: a local model folder")
 
     def run() -> Path:

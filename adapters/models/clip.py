@@ -23,7 +23,6 @@ from adapters.models.manifest import ManifestError
 from adapters.models.preprocess import PREPROCESS_NAME, ImagePreprocessing, preprocess_image
 from adapters.models.served import ServedModel
 from adapters.models.session import (
-    ModelSession,
     ProviderPreference,
     SessionSettings,
     check_signature,
@@ -109,7 +108,6 @@ class OnnxClipEmbedder(ServedModel):
             intra_op_threads=intra_op_threads,
         )
         directory, manifest = self.directory, self.manifest
-        settings, batching = self.session_settings, self.batch_settings
         try:
             self.preprocessing = ImagePreprocessing.load(directory / PREPROCESS_NAME)
         except ValueError as error:
@@ -118,27 +116,19 @@ class OnnxClipEmbedder(ServedModel):
             raise ManifestError(directory, f"{PREPROCESS_NAME} disagrees with the manifest")
         self.dimension: int = manifest.dimension
         size = self.preprocessing.image_size
-        self.image_session = ModelSession(
-            directory,
-            manifest,
+        self.image_session = self._open_graph(
             IMAGE_GRAPH_NAME,
-            settings,
             check=lambda graph: check_signature(
                 graph, directory, inputs=("pixel_values",), dimension=manifest.dimension
             ),
             shapes={"pixel_values": ("batch", 3, size, size)},
-            max_batch=batching.max_batch,
         )
-        self.text_session = ModelSession(
-            directory,
-            manifest,
+        self.text_session = self._open_graph(
             TEXT_GRAPH_NAME,
-            settings,
             check=lambda graph: check_signature(
                 graph, directory, inputs=("input_ids",), dimension=manifest.dimension
             ),
             shapes={"input_ids": ("batch", "sequence")},
-            max_batch=batching.max_batch,
         )
         self._images = self._batched(self.image_session, self._embed_image_batch)
         self._texts = self._batched(self.text_session, self._embed_text_batch)

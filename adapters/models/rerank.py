@@ -39,7 +39,6 @@ from adapters.models.batching import BatchSettings
 from adapters.models.manifest import ManifestError
 from adapters.models.served import ServedModel
 from adapters.models.session import (
-    ModelSession,
     ProviderPreference,
     SessionSettings,
     check_signature,
@@ -128,20 +127,15 @@ class OnnxReranker(ServedModel):
             intra_op_threads=intra_op_threads,
         )
         directory, manifest = self.directory, self.manifest
-        settings, batching = self.session_settings, self.batch_settings
         graphs = sorted(set(FLASHRANK_GRAPHS.values()) & set(manifest.files))
         if len(graphs) != 1:
             raise ManifestError(
                 directory, f"expected one of the graphs {sorted(FLASHRANK_GRAPHS.values())}"
             )
-        self.model_session = ModelSession(
-            directory,
-            manifest,
+        self.model_session = self._open_graph(
             graphs[0],
-            settings,
             check=lambda graph: check_signature(graph, directory, inputs=INPUT_NAMES, dimension=1),
             shapes={name: ("batch", "sequence") for name in INPUT_NAMES},
-            max_batch=batching.max_batch,
         )
         self._batcher = self._batched(self.model_session, self._score_batch)
 

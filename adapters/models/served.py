@@ -9,9 +9,11 @@ kind) and accept the same configuration (``session=`` or the ``providers=`` and
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+
+import onnxruntime as ort
 
 from adapters.models.batching import BatchSettings, MicroBatcher
 from adapters.models.manifest import ManifestError, ModelKind, load_manifest
@@ -33,8 +35,8 @@ R = TypeVar("R")
 
 class ServedModel:
     """A model folder verified against its manifest, ready for its graphs to be opened; each
-    graph's session and batcher are registered with :meth:`_batched`, which gives every subclass
-    the same :attr:`runtime` and :meth:`aclose`.
+    graph is opened with :meth:`_open_graph` and batched with :meth:`_batched`, which gives every
+    subclass the same :attr:`runtime` and :meth:`aclose`.
 
     Args:
         directory: the exported model folder.
@@ -100,6 +102,25 @@ class ServedModel:
         """Stop batching: callers still waiting fail, a running batch completes."""
         for batcher in self._batchers:
             await batcher.aclose()
+
+    def _open_graph(
+        self,
+        graph: str,
+        *,
+        check: Callable[[ort.InferenceSession], None],
+        shapes: Mapping[str, Sequence[int | str]],
+    ) -> ModelSession:
+        """A session for one of the folder's graphs, with the served settings and a TensorRT
+        profile up to the batcher's largest batch (see :class:`ModelSession`)."""
+        return ModelSession(
+            self.directory,
+            self.manifest,
+            graph,
+            self.session_settings,
+            check=check,
+            shapes=shapes,
+            max_batch=self.batch_settings.max_batch,
+        )
 
     def _batched(
         self, session: ModelSession, fn: Callable[[list[T]], Sequence[R]]

@@ -26,7 +26,6 @@ from adapters.models.batching import BatchSettings
 from adapters.models.manifest import ManifestError, ModelKind
 from adapters.models.served import ServedModel
 from adapters.models.session import (
-    ModelSession,
     ProviderPreference,
     SessionSettings,
 )
@@ -151,16 +150,11 @@ class OnnxBgeM3Embedder(ServedModel):
             intra_op_threads=intra_op_threads,
         )
         directory, manifest = self.directory, self.manifest
-        settings, batching = self.session_settings, self.batch_settings
         self.dimension: int = manifest.dimension
-        self.model_session = ModelSession(
-            directory,
-            manifest,
+        self.model_session = self._open_graph(
             GRAPH_NAME,
-            settings,
             check=lambda graph: _check_graph(graph, directory, manifest.dimension),
             shapes={name: ("batch", "sequence") for name in INPUT_NAMES},
-            max_batch=batching.max_batch,
         )
         # ModelSession.run returns the outputs in the graph's order; _check_graph made sure that
         # both are there.

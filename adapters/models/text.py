@@ -17,7 +17,6 @@ import numpy as np
 from adapters.models.batching import BatchSettings
 from adapters.models.served import ServedModel
 from adapters.models.session import (
-    ModelSession,
     ProviderPreference,
     SessionSettings,
     check_signature,
@@ -83,13 +82,9 @@ class OnnxTextEmbedder(ServedModel):
             intra_op_threads=intra_op_threads,
         )
         directory, manifest = self.directory, self.manifest
-        settings, batching = self.session_settings, self.batch_settings
         self.dimension: int = manifest.dimension
-        self.model_session = ModelSession(
-            directory,
-            manifest,
+        self.model_session = self._open_graph(
             GRAPH_NAME,
-            settings,
             check=lambda graph: check_signature(
                 graph,
                 directory,
@@ -97,7 +92,6 @@ class OnnxTextEmbedder(ServedModel):
                 dimension=manifest.dimension,
             ),
             shapes={"input_ids": ("batch", "sequence"), "attention_mask": ("batch", "sequence")},
-            max_batch=batching.max_batch,
         )
         self._batcher = self._batched(self.model_session, self._embed_batch)
 
