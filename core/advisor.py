@@ -29,6 +29,8 @@ from core.ports import (
     ImageEmbedder,
     ImagingArchive,
     LiteratureIndex,
+    Reranker,
+    SparseTextEmbedder,
     TextEmbedder,
 )
 from core.retrieval import (
@@ -49,6 +51,7 @@ from core.types import (
     ImagingOrder,
     ImagingResult,
     LabProfile,
+    ModelCard,
     PassageHit,
     Vector,
 )
@@ -114,6 +117,11 @@ class Advisor:
         cases: the similar-case index.
         literature: the literature index.
         settings: search settings.
+        sparse_model: the sparse model the literature's sparse weights were indexed with (it may
+            be ``text_model`` itself, as BGE-M3 is both); ``None`` searches literature by dense
+            vector alone.
+        reranker: a cross-encoder that reorders the best literature candidates; ``None`` keeps
+            the search order.
 
     Examples:
         >>> # advisor = Advisor(imaging=..., image_model=..., text_model=..., cases=...,
@@ -127,6 +135,17 @@ class Advisor:
     cases: CaseIndex
     literature: LiteratureIndex
     settings: AdvisorSettings = field(default_factory=AdvisorSettings)
+    sparse_model: SparseTextEmbedder | None = None
+    reranker: Reranker | None = None
+
+    @property
+    def models(self) -> tuple[ModelCard, ...]:
+        """The cards of the models behind a brief, each once (BGE-M3, dense and sparse, is one)."""
+        models: list[ModelCard] = []
+        for model in (self.image_model, self.text_model, self.sparse_model, self.reranker):
+            if model is not None and model.card not in models:
+                models.append(model.card)
+        return tuple(models)
 
     async def _images(
         self, patient_id: str, deadline: float | None
@@ -216,6 +235,8 @@ class Advisor:
                     embedder=self.text_model,
                     index=self.literature,
                     settings=self.settings.literature,
+                    sparse_embedder=self.sparse_model,
+                    reranker=self.reranker,
                 ),
             )
         except TimeoutError:
@@ -342,5 +363,5 @@ class Advisor:
             literature_query=query,
             literature_basis=basis if query else None,
             omissions=tuple(omissions),
-            models=(self.image_model.card, self.text_model.card),
+            models=self.models,
         )

@@ -15,6 +15,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
+import numpy as np
+import numpy.typing as npt
+
 from core.types import (
     CaseRecord,
     ImagingResult,
@@ -22,15 +25,19 @@ from core.types import (
     LabResult,
     ModelCard,
     Passage,
+    SparseWeights,
     Vector,
 )
 
 __all__ = [
     "CaseIndex",
     "ClinicalRecords",
+    "DenseSparseTextEmbedder",
     "ImageEmbedder",
     "ImagingArchive",
     "LiteratureIndex",
+    "Reranker",
+    "SparseTextEmbedder",
     "TextEmbedder",
 ]
 
@@ -98,6 +105,45 @@ class TextEmbedder(Protocol):
 
 
 @runtime_checkable
+class SparseTextEmbedder(Protocol):
+    """A learned sparse text model (BGE-M3's lexical weights) for the lexical leg of literature
+    search: it matches passages by the words they share with the query, which a dense vector
+    can blur (drug names, rare findings, abbreviations)."""
+
+    card: ModelCard
+
+    async def embed_sparse(self, texts: Sequence[str]) -> list[SparseWeights]:
+        """One :data:`core.types.SparseWeights` per text, in order; empty for a text the model
+        keeps no token of."""
+        ...
+
+
+@runtime_checkable
+class DenseSparseTextEmbedder(TextEmbedder, SparseTextEmbedder, Protocol):
+    """A model that gives a text's dense vector and its sparse weights from one run (BGE-M3).
+
+    Callers that need both for the same texts use :meth:`encode`, so the model runs once.
+    """
+
+    async def encode(self, texts: Sequence[str]) -> tuple[Vector, list[SparseWeights]]:
+        """``(embed_texts(texts), embed_sparse(texts))`` from one run of the model."""
+        ...
+
+
+@runtime_checkable
+class Reranker(Protocol):
+    """A cross-encoder that reads a query and a passage together and scores their relevance,
+    to reorder the few passages the index searches found."""
+
+    card: ModelCard
+
+    async def score(self, query: str, passages: Sequence[str]) -> npt.NDArray[np.float32]:
+        """One relevance score per passage, shape ``(len(passages),)``; higher is more
+        relevant."""
+        ...
+
+
+@runtime_checkable
 class CaseIndex(Protocol):
     """Indexed past cases, searchable by fused image+findings vector, by recorded findings and by
     lab profile."""
@@ -133,10 +179,17 @@ class CaseIndex(Protocol):
 
 @runtime_checkable
 class LiteratureIndex(Protocol):
-    """Indexed literature passages."""
+    """Indexed literature passages, searchable by a dense vector and by sparse weights."""
 
-    async def upsert_passages(self, passages: Sequence[Passage], vectors: Vector) -> None:
-        """Insert or replace passages by ``passage_id`` with their dense vectors."""
+    async def upsert_passages(
+        self,
+        passages: Sequence[Passage],
+        vectors: Vector,
+        sparse: Sequence[SparseWeights] | None = None,
+    ) -> None:
+        """Insert or replace passages by ``passage_id`` with their dense vectors and, when
+        ``sparse`` is given (one per passage; an empty dict is a passage with no terms), their
+        sparse weights."""
         ...
 
     async def passage_ids(self) -> frozenset[str]:
@@ -144,5 +197,13 @@ class LiteratureIndex(Protocol):
         ...
 
     async def nearest_passages(self, query: Vector, *, k: int) -> Sequence[tuple[Passage, float]]:
-        """Passages closest to a dense query vector, with cosine similarity."""
+        """Passages closest to a dense query vector, with cosine similarity, most similar
+        first."""
+        ...
+
+    async def nearest_passages_sparse(
+        self, query: SparseWeights, *, k: int
+    ) -> Sequence[tuple[Passage, float]]:
+        """Passages with the highest inner product of sparse weights with ``query`` (over the
+        token ids they share), highest first; passages sharing no token are not returned."""
         ...

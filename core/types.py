@@ -30,11 +30,19 @@ __all__ = [
     "Passage",
     "PassageHit",
     "SkippedImage",
+    "SparseWeights",
     "Vector",
 ]
 
 Vector = npt.NDArray[np.float32]
 """A float32 array: one embedding of shape ``(D,)`` or a batch of shape ``(N, D)``."""
+
+SparseWeights = dict[int, float]
+"""A learned sparse representation of a text: vocabulary token id -> positive weight.
+
+Only the tokens the model kept appear; an empty dict is a text with no terms. Two texts are
+compared by the inner product of their weights over the token ids they share.
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,19 +204,23 @@ class IndexedCase:
 
 @dataclass(frozen=True, slots=True)
 class LegMatch:
-    """How one search leg ranked a case.
+    """How one search leg ranked a case or a passage.
 
     Args:
-        leg: the leg's name (``"image"``, ``"labs"``, ``"reason"``).
-        rank: 1-based rank of the case in that leg.
-        score: the leg's own measure: a cosine similarity or a distance.
-        metric: ``"cos"`` (higher is closer) or ``"dist"`` (lower is closer).
+        leg: the leg's name (cases: ``"image"``, ``"labs"``, ``"reason"``; passages:
+            ``"dense"``, ``"sparse"``, ``"rerank"``).
+        rank: 1-based rank of the case or passage in that leg.
+        score: the leg's own measure: a cosine similarity, a distance, an inner product of
+            sparse weights or a reranker's relevance.
+        metric: ``"cos"`` (higher is closer), ``"dist"`` (lower is closer), ``"ip"`` (inner
+            product of sparse weights, higher is closer) or ``"relevance"`` (a cross-encoder's
+            score, higher is more relevant).
     """
 
     leg: str
     rank: int
     score: float
-    metric: Literal["cos", "dist"]
+    metric: Literal["cos", "dist", "ip", "relevance"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +253,7 @@ class Passage:
         section: the section label the source gave (``METHODS``, ``RESULTS``, ...), if any.
         year: publication year, if known.
         title: the article title, if the corpus has it.
+        doi: the article's DOI (``10.1056/...``, without a resolver prefix), if the corpus has it.
     """
 
     passage_id: str
@@ -249,14 +262,27 @@ class Passage:
     section: str | None = None
     year: str | None = None
     title: str | None = None
+    doi: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class PassageHit:
-    """A retrieved passage and its score in the final ranking."""
+    """A retrieved passage, its score in the final ranking, and how each search leg ranked it.
+
+    Args:
+        passage: the passage, with the identifiers needed to cite it.
+        score: its score in the final ranking (see :func:`core.retrieval.search_literature`).
+        legs: the legs that returned it (``"dense"``, ``"sparse"``) and, when it was reranked,
+            ``"rerank"``, in that order.
+    """
 
     passage: Passage
     score: float
+    legs: tuple[LegMatch, ...] = ()
+
+    def leg(self, name: str) -> LegMatch | None:
+        """The match in leg ``name``, or ``None`` when that leg did not return the passage."""
+        return next((m for m in self.legs if m.leg == name), None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,8 @@
 """In-memory implementations of the core ports, for testing the domain logic alone.
 
 The adapters have their own tests against the real systems (PostgreSQL, ONNX Runtime, DICOM);
-these doubles only let the orchestration be checked without them.
+these doubles only let the orchestration be checked without them. The model doubles are
+deterministic and mean nothing beyond "texts sharing words are similar".
 """
 
 from __future__ import annotations
@@ -58,17 +59,37 @@ class MemoryCases:
 
 @dataclass
 class MemoryLiterature:
-    passages: dict[str, tuple[Passage, np.ndarray]] = field(default_factory=dict)
+    """Passages with dense vectors and, when upserted with them, sparse weights; an upsert
+    without sparse weights replaces a passage's with none."""
 
-    async def upsert_passages(self, passages, vectors):
-        for p, v in zip(passages, vectors, strict=True):
+    passages: dict[str, tuple[Passage, np.ndarray]] = field(default_factory=dict)
+    sparse: dict[str, dict[int, float]] = field(default_factory=dict)
+    upserts: list[tuple[list[str], bool]] = field(default_factory=list)  # (ids, with sparse)
+
+    async def upsert_passages(self, passages, vectors, sparse=None):
+        if sparse is not None and len(sparse) != len(passages):
+            raise ValueError(f"{len(sparse)} sparse weights for {len(passages)} passages")
+        self.upserts.append(([p.passage_id for p in passages], sparse is not None))
+        for i, (p, v) in enumerate(zip(passages, vectors, strict=True)):
             self.passages[p.passage_id] = (p, normalize(v))
+            if sparse is None:
+                self.sparse.pop(p.passage_id, None)
+            else:
+                self.sparse[p.passage_id] = dict(sparse[i])
 
     async def passage_ids(self):
         return frozenset(self.passages)
 
     async def nearest_passages(self, query, *, k):
         rows = [(p, float(np.dot(normalize(query), v))) for p, v in self.passages.values()]
+        return sorted(rows, key=lambda r: r[1], reverse=True)[:k]
+
+    async def nearest_passages_sparse(self, query, *, k):
+        rows = [
+            (self.passages[pid][0], sum(query[t] * weights[t] for t in shared))
+            for pid, weights in self.sparse.items()
+            if (shared := query.keys() & weights.keys())
+        ]
         return sorted(rows, key=lambda r: r[1], reverse=True)[:k]
 
 
@@ -103,6 +124,65 @@ class TextDouble:
 
     async def embed_texts(self, texts):
         return self.vectors(texts)
+
+
+def word_weights(texts, vocabulary=30_000):
+    """Each distinct word of each text as a hashed token id with weight 1."""
+    return [
+        {zlib.crc32(word.encode()) % vocabulary: 1.0 for word in re.findall(r"[a-z]+", t.lower())}
+        for t in texts
+    ]
+
+
+class SparseDouble:
+    """A sparse model: each distinct word of a text weighs 1; records the texts of each call."""
+
+    card = ModelCard("test-sparse", "test double")
+
+    def __init__(self):
+        self.calls = []
+
+    async def embed_sparse(self, texts):
+        self.calls.append(list(texts))
+        return word_weights(texts)
+
+
+class DenseSparseDouble(TextDouble):
+    """One model giving dense vectors and sparse weights (as BGE-M3 does); records which method
+    each run came from, so that a caller can be checked to run it once for both."""
+
+    card = ModelCard("test-dense-sparse", "test double")
+
+    def __init__(self, dimension=256):
+        super().__init__(dimension)
+        self.runs = []
+
+    async def embed_texts(self, texts):
+        self.runs.append("dense")
+        return self.vectors(texts)
+
+    async def embed_sparse(self, texts):
+        self.runs.append("sparse")
+        return word_weights(texts)
+
+    async def encode(self, texts):
+        self.runs.append("encode")
+        return self.vectors(texts), word_weights(texts)
+
+
+class TableReranker:
+    """A reranker scoring each passage text from a fixed table (0 for texts not in it);
+    records the passages of each call."""
+
+    card = ModelCard("test-reranker", "test double")
+
+    def __init__(self, scores):
+        self.scores = scores
+        self.calls = []
+
+    async def score(self, query, passages):
+        self.calls.append(list(passages))
+        return np.array([self.scores.get(p, 0.0) for p in passages], dtype=np.float32)
 
 
 @dataclass

@@ -12,11 +12,13 @@ from core.ingestion import CaseSource, FusionWeights, ingest_cases, ingest_passa
 from core.labs import LAB_PANEL
 from core.types import CaseRecord, ChestImage, ImagingOrder, LabResult, Passage
 from tests.core.doubles import (
+    DenseSparseDouble,
     FixedImaging,
     FixedRecords,
     MeanImageModel,
     MemoryCases,
     MemoryLiterature,
+    TableReranker,
     TextDouble,
 )
 
@@ -141,6 +143,39 @@ async def test_brief_for_a_patient(world):
     assert brief.passages[0].passage.pmid == "7"
     assert brief.omissions == ()
     assert [m.name for m in brief.models] == ["test-image", "test-text"]
+
+
+async def test_brief_with_hybrid_literature_search_and_a_reranker(world):
+    imaging, records, image_model, _, cases, literature = world
+    model = DenseSparseDouble()
+    await ingest_cases(
+        sources(), records=records, imaging=imaging, image_model=image_model, index=cases
+    )
+    passages = [
+        Passage("7:0", "7", "effusion management"),
+        Passage("8:0", "8", "effusion after knee surgery"),
+    ]
+    await ingest_passages(passages, text_model=model, index=literature, sparse_model=model)
+    model.runs.clear()
+    reranker = TableReranker({"effusion after knee surgery": 0.9, "effusion management": 0.1})
+    advisor = Advisor(
+        imaging=imaging,
+        image_model=image_model,
+        text_model=model,
+        cases=cases,
+        literature=literature,
+        sparse_model=model,
+        reranker=reranker,
+    )
+    brief = await advisor.brief("query", records)
+    assert model.runs == ["encode"]
+    assert len(reranker.calls) == 1
+    assert [(h.passage.pmid, h.score) for h in brief.passages] == [
+        ("8", pytest.approx(0.9)),
+        ("7", pytest.approx(0.1)),
+    ]
+    # BGE-M3 is one model for both legs: its card is listed once.
+    assert [m.name for m in brief.models] == ["test-image", "test-dense-sparse", "test-reranker"]
 
 
 async def test_own_patient_is_never_its_own_neighbour(world):
