@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml Makefile
 	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -q python3-venv; }
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -U pip
-	$(PIP) install -e '.[cpu,dev]'
+	$(PIP) install -e '.[cpu,dev,eval]'
 	$(PIP) install $(TORCH)
 	$(PIP) install --no-deps $(NODEPS_EXPORT)
 	$(PIP) install $(EXPORT_DEPS)
@@ -45,9 +45,11 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy --strict core
 	$(VENV)/bin/mypy
 
-# The real peers the integration tests run against: Orthanc with its DICOMweb plugin (Debian)
-# and the Medplum FHIR search engine (npm, versions locked in tests/peers/fhir_server). The
-# tests start and stop them; nothing here runs as a service.
+# The real peers the integration tests run against: Orthanc with its DICOMweb plugin (Debian),
+# PostgreSQL 15 with pgvector 0.8.0 built from Debian's source package (deploy/install_pgvector.sh;
+# the store tests run against it and against the embedded pgserver) and the Medplum FHIR search
+# engine (npm, versions locked in tests/peers/fhir_server). The tests start and stop them;
+# nothing here runs as a service.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FHIR_SERVER := tests/peers/fhir_server
 
@@ -57,6 +59,7 @@ peers: $(FHIR_SERVER)/node_modules/.package-lock.json
 	  $(SUDO) apt-get install -y -q --no-install-recommends orthanc orthanc-dicomweb \
 	  || { $(SUDO) apt-get update -q && \
 	       $(SUDO) apt-get install -y -q --no-install-recommends orthanc orthanc-dicomweb; }; }
+	@bash deploy/install_pgvector.sh
 
 $(FHIR_SERVER)/node_modules/.package-lock.json: $(FHIR_SERVER)/package-lock.json
 	@node -e 'const [a,b]=process.versions.node.split(".").map(Number); process.exit(a>22||a===22&&b>=12||a===20&&b>=19?0:1)' \

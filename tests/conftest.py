@@ -13,6 +13,7 @@ import pytest
 from psycopg import sql
 
 from adapters.store.embedded import EmbeddedPostgres
+from tests.peers.postgres import PostgresServer, ServerPostgres, running_postgres
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,15 +66,44 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostg
         yield server
 
 
+@pytest.fixture(scope="session")
+def server_postgres() -> Iterator[ServerPostgres]:
+    """A real PostgreSQL 15 server with pgvector 0.8, one for the session, stopped at its end.
+
+    Fails (never skips) with :class:`tests.peers.postgres.PostgresMissing` when it is not
+    installed: `make peers` installs it.
+    """
+    with running_postgres() as server:
+        yield server
+
+
 @pytest.fixture(scope="module")
-def database(postgres: EmbeddedPostgres, request: pytest.FixtureRequest) -> Iterator[str]:
+def deployment() -> str:
+    """Which PostgreSQL :func:`database` runs on: ``"embedded"`` (pgserver, pgvector 0.6) or
+    ``"server"`` (PostgreSQL 15, pgvector 0.8). The store tests override it to run on both."""
+    return "embedded"
+
+
+@pytest.fixture(scope="module")
+def database_server(deployment: str, request: pytest.FixtureRequest) -> PostgresServer:
+    """The server of :func:`database`, as :func:`deployment` chooses."""
+    if deployment not in ("embedded", "server"):
+        raise ValueError(f"unknown deployment {deployment!r}")
+    server: PostgresServer = request.getfixturevalue(
+        "postgres" if deployment == "embedded" else "server_postgres"
+    )
+    return server
+
+
+@pytest.fixture(scope="module")
+def database(database_server: PostgresServer, request: pytest.FixtureRequest) -> Iterator[str]:
     """The DSN of a fresh database for one test module, dropped after it."""
     module = re.sub(r"\W", "_", request.module.__name__.rsplit(".", 1)[-1])
     name = f"{module}_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(postgres.dsn, autocommit=True) as conn:
+    with psycopg.connect(database_server.dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    yield postgres.dsn_for(name)
-    with psycopg.connect(postgres.dsn, autocommit=True) as conn:
+    yield database_server.dsn_for(name)
+    with psycopg.connect(database_server.dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 

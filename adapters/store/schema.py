@@ -13,7 +13,11 @@ migration, and a failure leaves the database as it was. Every statement is idemp
 (``IF NOT EXISTS``) as well, so a database whose tables already exist is adopted unchanged.
 
 The SQL is limited to what pgvector 0.6 supports (``vector`` and HNSW), so the same migrations
-run on the embedded server (pgvector 0.6.2) and on a current one.
+run on the embedded server (pgvector 0.6.2) and on a current one (0.8). That is why a passage's
+learned sparse weights (BGE-M3's lexical weights: token id -> weight) are kept as postings, one
+row per (term, passage) in ``passage_terms``, rather than in a ``sparsevec`` column, which
+pgvector 0.6 lacks: the sparse search reads the postings of the query's few terms through the
+primary key (term first) and sums the products per passage, an exact inner product.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ __all__ = [
     "MAX_DIM",
     "MAX_HNSW_DIM",
     "MIGRATIONS",
+    "SPARSE_DIM",
     "HnswParams",
     "IndexModelMismatch",
     "IndexModels",
@@ -49,6 +54,13 @@ MAX_HNSW_DIM = 2000
 
 MAX_DIM = 16000
 """The most dimensions a pgvector ``vector`` column can have."""
+
+SPARSE_DIM = 2**31 - 1
+"""Token ids of sparse weights are stored as PostgreSQL ``integer``: ``0 <= id < SPARSE_DIM``.
+
+It is what ``index_models`` records as the sparse model's dimension: the postings do not
+depend on the vocabulary's size, so the model id alone decides whether weights are comparable.
+"""
 
 # An arbitrary constant that identifies this schema's advisory lock ("medi" in ASCII).
 _LOCK_KEY = 0x6D656469
@@ -91,9 +103,18 @@ class IndexModels:
         text_dim: its embedding dimension (at most 2000).
         lab_panel: id of the lab panel behind the lab profiles (:func:`lab_panel_id`).
         lab_dim: the lab profile's length.
+        sparse_model: id of the model behind the passages' sparse weights, or ``None`` for a
+            service that searches the literature by dense vectors only. An index whose
+            passages have sparse weights can be opened without one (its postings are then
+            neither read nor written), but never with another.
 
     Raises:
         ValueError: for an empty id or a dimension out of range.
+
+    Example:
+        >>> models = IndexModels("biomedclip", 512, "bge-m3", 1024, sparse_model="bge-m3")
+        >>> sorted(models.by_role())
+        ['image', 'labs', 'sparse', 'text']
     """
 
     image_model: str
@@ -102,22 +123,29 @@ class IndexModels:
     text_dim: int
     lab_panel: str = field(default_factory=lab_panel_id)
     lab_dim: int = len(LAB_PANEL)
+    sparse_model: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("image_model", "text_model", "lab_panel"):
             if not getattr(self, name).strip():
                 raise ValueError(f"{name} must not be empty")
+        if self.sparse_model is not None and not self.sparse_model.strip():
+            raise ValueError("sparse_model must not be empty (None for no sparse model)")
         _check_dim("image_dim", self.image_dim, MAX_HNSW_DIM)
         _check_dim("text_dim", self.text_dim, MAX_HNSW_DIM)
         _check_dim("lab_dim", self.lab_dim, MAX_DIM)
 
     def by_role(self) -> dict[str, tuple[str, int]]:
-        """``{role: (model id, dimension)}`` as recorded in ``index_models``."""
-        return {
+        """``{role: (model id, dimension)}`` as recorded in ``index_models``; the ``"sparse"``
+        role (with :data:`SPARSE_DIM`) only when there is a sparse model."""
+        roles = {
             "image": (self.image_model, self.image_dim),
             "text": (self.text_model, self.text_dim),
             "labs": (self.lab_panel, self.lab_dim),
         }
+        if self.sparse_model is not None:
+            roles["sparse"] = (self.sparse_model, SPARSE_DIM)
+        return roles
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,8 +155,17 @@ class HnswParams:
     They apply when an index is created; changing them later leaves existing indexes as built.
 
     Args:
-        m: the most connections per node per layer (2-100).
-        ef_construction: the candidate list size while building (4-1000, at least ``2 * m``).
+        m: the most connections per node per layer (2-100): more gives better recall at the
+            cost of a larger index and slower inserts.
+        ef_construction: the candidate list size while building (4-1000, at least ``2 * m``):
+            more gives a better graph at the cost of slower inserts.
+
+    Raises:
+        ValueError: for a value out of range.
+
+    Example:
+        >>> HnswParams(m=32, ef_construction=128)
+        HnswParams(m=32, ef_construction=128)
     """
 
     m: int = 16
@@ -277,6 +314,28 @@ def _ledger(models: IndexModels, hnsw: HnswParams) -> tuple[sql.SQL | sql.Compos
     )
 
 
+def _sparse(models: IndexModels, hnsw: HnswParams) -> tuple[sql.SQL | sql.Composed, ...]:
+    return (
+        sql.SQL("ALTER TABLE passages ADD COLUMN IF NOT EXISTS doi text"),
+        # The primary key, term first, serves the search (term = ANY(query terms)) and carries
+        # the weight so that the search can read the postings from the index alone.
+        sql.SQL(
+            """
+            CREATE TABLE IF NOT EXISTS passage_terms (
+                term integer NOT NULL CHECK (term >= 0),
+                passage_id text NOT NULL REFERENCES passages (passage_id) ON DELETE CASCADE,
+                weight real NOT NULL,
+                PRIMARY KEY (term, passage_id) INCLUDE (weight)
+            )
+            """
+        ),
+        # Replacing a passage's postings, and the cascade from passages, find them by passage.
+        sql.SQL(
+            "CREATE INDEX IF NOT EXISTS passage_terms_passage_idx ON passage_terms (passage_id)"
+        ),
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         version=1,
@@ -291,6 +350,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         # Not part of the index: a rebuild with other models keeps the feedback, the record of
         # the cards it is about, and the JWT ids still inside their lifetime.
         tables=(),
+    ),
+    Migration(
+        version=3,
+        description="passages' DOI and sparse weights (postings per term)",
+        statements=_sparse,
+        tables=("passage_terms",),
     ),
 )
 """Every migration, in the order they apply."""
@@ -310,12 +375,15 @@ class IndexModelMismatch(RuntimeError):
     def __init__(
         self, recorded: Mapping[str, tuple[str, int]], requested: Mapping[str, tuple[str, int]]
     ) -> None:
-        def describe(entry: tuple[str, int] | None) -> str:
-            return "nothing" if entry is None else f"{entry[0]} ({entry[1]} dims)"
+        def describe(role: str, entry: tuple[str, int] | None) -> str:
+            if entry is None:
+                return "nothing"
+            # Sparse weights have no dimension of their own (see SPARSE_DIM).
+            return entry[0] if role == "sparse" else f"{entry[0]} ({entry[1]} dims)"
 
         differences = "; ".join(
-            f"{role}: index has {describe(recorded.get(role))},"
-            f" requested {describe(requested.get(role))}"
+            f"{role}: index has {describe(role, recorded.get(role))},"
+            f" requested {describe(role, requested.get(role))}"
             for role in sorted(recorded.keys() | requested.keys())
             if recorded.get(role) != requested.get(role)
         )
@@ -392,9 +460,22 @@ async def migrate(
 
 
 async def _check_models(conn: AsyncConnection[Any], models: IndexModels) -> None:
-    """Record ``models`` for the roles not yet recorded, then require the records to match."""
+    """Record ``models`` for the roles not yet recorded, then require the records to match.
+
+    A sparse model recorded in the index but not requested is no mismatch (a dense-only
+    service ignores the postings). A sparse model requested for an index that has passages
+    but no sparse model is: those passages have no postings, and ingestion, which skips
+    passages already indexed, would never add them.
+    """
     requested = models.by_role()
     async with conn.cursor() as cursor:
+        await cursor.execute("SELECT role, model, dim FROM index_models")
+        before = {role: (model, dim) for role, model, dim in await cursor.fetchall()}
+        if "sparse" in requested and "sparse" not in before:
+            await cursor.execute("SELECT EXISTS (SELECT FROM passages)")
+            row = await cursor.fetchone()
+            if row is not None and row[0]:
+                raise IndexModelMismatch(before, requested)
         await cursor.executemany(
             "INSERT INTO index_models (role, model, dim) VALUES (%s, %s, %s)"
             " ON CONFLICT (role) DO NOTHING",
@@ -402,6 +483,8 @@ async def _check_models(conn: AsyncConnection[Any], models: IndexModels) -> None
         )
         await cursor.execute("SELECT role, model, dim FROM index_models")
         recorded = {role: (model, dim) for role, model, dim in await cursor.fetchall()}
+    if "sparse" not in requested:
+        recorded.pop("sparse", None)
     if recorded != requested:
         raise IndexModelMismatch(recorded, requested)
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -12,12 +13,13 @@ import pytest
 from pgvector.psycopg import register_vector_async
 from psycopg import AsyncConnection, sql
 
-from adapters.store.embedded import EmbeddedPostgres
 from adapters.store.pgvector_store import PgVectorStore
+from adapters.store.schema import HnswParams
 from core.errors import SourceUnavailable
 from core.labs import LAB_PANEL
 from core.ports import CaseIndex, LiteratureIndex
-from core.types import CaseRecord, IndexedCase, LabProfile, Passage, Vector
+from core.types import CaseRecord, IndexedCase, LabProfile, Passage, SparseWeights, Vector
+from tests.peers.postgres import PostgresServer, ServerPostgres
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -30,6 +32,8 @@ OPEN_ARGS: dict[str, Any] = {
     "text_model": "test-text",
     "text_dim": TEXT_DIM,
 }
+# A sparser graph than pgvector's default, faster to build.
+SMALL_GRAPH = HnswParams(m=8, ef_construction=32)
 
 
 @pytest.fixture
@@ -289,9 +293,18 @@ async def test_queries_are_validated(store: PgVectorStore) -> None:
         )
 
 
-async def test_hnsw_indexes_serve_the_searches(store: PgVectorStore, database: str) -> None:
+async def test_hnsw_indexes_serve_the_searches(database: str) -> None:
+    await PgVectorStore.drop(database)
+    # pgvector 0.8 estimates an HNSW scan's cost closer than 0.6 does and prefers a sequential
+    # scan of a table this small with m = 16; with a sparser graph the index scan is cheaper.
+    store = await PgVectorStore.open(database, **OPEN_ARGS, hnsw=SMALL_GRAPH)
+    async with store:
+        await _check_hnsw_indexes_serve_the_searches(store, database)
+
+
+async def _check_hnsw_indexes_serve_the_searches(store: PgVectorStore, database: str) -> None:
     rng = np.random.default_rng(7)
-    n = 600
+    n = 2000
     passages = [Passage(f"{i}:0", str(i), f"passage {i}") for i in range(n)]
     dense = np.stack([_unit(rng, TEXT_DIM) for _ in range(n)])
     cases = [_case(f"c{i}", f"Patient/p{i % 50}", _unit(rng, IMAGE_DIM)) for i in range(n)]
@@ -338,7 +351,10 @@ async def test_analyze_runs_after_enough_upserted_rows(database: str) -> None:
             assert analyzed["cases"] is False
 
 
-async def test_an_unreachable_database_is_reported_unavailable(postgres: EmbeddedPostgres) -> None:
+async def test_an_unreachable_database_is_reported_unavailable(
+    database_server: PostgresServer,
+) -> None:
+    postgres = database_server
     missing = postgres.dsn_for(f"missing_{uuid.uuid4().hex[:8]}")
     with pytest.raises(SourceUnavailable) as raised:
         await PgVectorStore.open(missing, **OPEN_ARGS)
@@ -359,3 +375,326 @@ async def test_an_unreachable_database_is_reported_unavailable(postgres: Embedde
         assert literature_down.value.source == "literature index"
     finally:
         await store.close()
+
+
+SPARSE_ARGS: dict[str, Any] = OPEN_ARGS | {"sparse_model": "test-sparse"}
+
+
+@pytest.fixture
+async def hybrid(database: str) -> AsyncIterator[PgVectorStore]:
+    """A store with a sparse model on an empty index."""
+    await PgVectorStore.drop(database)
+    async with await PgVectorStore.open(database, **SPARSE_ARGS) as opened:
+        yield opened
+
+
+def _sparse_weights(rng: np.random.Generator, vocab: int, terms: int) -> SparseWeights:
+    ids = rng.choice(vocab, size=terms, replace=False)
+    return {int(i): float(w) for i, w in zip(ids, rng.uniform(0.01, 0.5, size=terms), strict=True)}
+
+
+def _inner(query: SparseWeights, weights: SparseWeights) -> float:
+    # The store keeps weights as real (float32) and sums in double precision.
+    return sum(float(np.float32(weights[t])) * w for t, w in query.items() if t in weights)
+
+
+async def test_sparse_search_ranks_by_the_exact_inner_product(hybrid: PgVectorStore) -> None:
+    rng = np.random.default_rng(20)
+    n, vocab = 80, 300
+    passages = [
+        Passage(f"{i}:0", str(i), f"passage {i}", doi=f"10.1000/{i}" if i % 2 else None)
+        for i in range(n)
+    ]
+    sparse = [_sparse_weights(rng, vocab, int(rng.integers(5, 30))) for _ in range(n)]
+    await hybrid.upsert_passages(
+        passages, np.stack([_unit(rng, TEXT_DIM) for _ in passages]), sparse
+    )
+
+    for _ in range(5):
+        query = _sparse_weights(rng, vocab, 8)
+        scores = [_inner(query, weights) for weights in sparse]
+        sharing = [i for i in range(n) if query.keys() & sparse[i].keys()]
+        expected = sorted(sharing, key=lambda i: (-scores[i], passages[i].passage_id))
+        hits = await hybrid.nearest_passages_sparse(query, k=1000)
+        assert [p for p, _ in hits] == [passages[i] for i in expected]
+        assert [s for _, s in hits] == pytest.approx([scores[i] for i in expected], rel=1e-9)
+        top = await hybrid.nearest_passages_sparse(query, k=3)
+        assert top == hits[:3]
+
+    assert await hybrid.nearest_passages_sparse({}, k=5) == []
+    assert await hybrid.nearest_passages_sparse({vocab + 7: 1.0}, k=5) == []
+
+
+async def test_sparse_upserts_replace_postings_and_are_idempotent(
+    hybrid: PgVectorStore, database: str
+) -> None:
+    rng = np.random.default_rng(21)
+    passages = [Passage(f"{i}:0", str(i), f"passage {i}") for i in range(4)]
+    dense = np.stack([_unit(rng, TEXT_DIM) for _ in passages])
+    first = [{1: 0.5, 2: 0.25}, {2: 0.75, 3: 0.125}, {}, {9: 1.0}]
+    postings = "SELECT passage_id, term, weight FROM passage_terms ORDER BY passage_id, term"
+
+    await hybrid.upsert_passages(passages, dense, first)
+    written = await _rows(database, postings)
+    await hybrid.upsert_passages(passages, dense, first)
+    assert await _rows(database, postings) == written
+    assert written == [
+        ("0:0", 1, 0.5),
+        ("0:0", 2, 0.25),
+        ("1:0", 2, 0.75),
+        ("1:0", 3, 0.125),
+        ("3:0", 9, 1.0),
+    ]
+
+    # New weights for two passages replace theirs and leave the others' alone; an empty dict
+    # leaves a passage with no postings.
+    await hybrid.upsert_passages(passages[:2], dense[:2], [{4: 2.0}, {}])
+    assert await _rows(database, postings) == [("0:0", 4, 2.0), ("3:0", 9, 1.0)]
+    assert await hybrid.nearest_passages_sparse({2: 1.0, 3: 1.0}, k=5) == []
+    hits = await hybrid.nearest_passages_sparse({4: 0.5, 9: 0.25}, k=5)
+    assert hits == [(passages[0], 1.0), (passages[3], 0.25)]
+    assert await _rows(database, "SELECT count(*) FROM passages") == [(4,)]
+
+
+async def test_a_passage_without_sparse_terms_is_found_by_dense_search_only(
+    hybrid: PgVectorStore,
+) -> None:
+    rng = np.random.default_rng(22)
+    passage = Passage("1:0", "1", "no terms", "RESULTS", "2020", "Title", "10.1000/xyz")
+    vector = _unit(rng, TEXT_DIM)
+    await hybrid.upsert_passages([passage], vector[None, :], [{}])
+    assert await hybrid.passage_ids() == {"1:0"}
+    hits = await hybrid.nearest_passages(vector, k=1)
+    assert hits[0][0] == passage
+    assert hits[0][1] == pytest.approx(1.0, abs=1e-5)
+    assert await hybrid.nearest_passages_sparse({0: 1.0, 1: 1.0}, k=1) == []
+
+
+async def test_sparse_weights_are_checked_before_anything_is_written(
+    hybrid: PgVectorStore, store_without_sparse: PgVectorStore
+) -> None:
+    rng = np.random.default_rng(23)
+    passages = [Passage("1:0", "1", "text"), Passage("1:1", "1", "more")]
+    dense = np.stack([_unit(rng, TEXT_DIM) for _ in passages])
+    with pytest.raises(ValueError, match="each of the 2 passages"):
+        await hybrid.upsert_passages(passages, dense, [{1: 0.5}])
+    with pytest.raises(ValueError, match=r"passage 1:1: sparse weights has non-finite"):
+        await hybrid.upsert_passages(passages, dense, [{1: 0.5}, {2: float("nan")}])
+    with pytest.raises(ValueError, match="token ids must be between"):
+        await hybrid.upsert_passages(passages, dense, [{-1: 0.5}, {}])
+    with pytest.raises(ValueError, match="token ids must be between"):
+        await hybrid.upsert_passages(passages, dense, [{2**31: 0.5}, {}])
+    with pytest.raises(ValueError, match="give them"):
+        await hybrid.upsert_passages(passages, dense)
+    assert await hybrid.passage_ids() == frozenset()
+
+    with pytest.raises(ValueError, match="non-finite"):
+        await hybrid.nearest_passages_sparse({1: float("inf")}, k=1)
+    with pytest.raises(ValueError, match="k must"):
+        await hybrid.nearest_passages_sparse({1: 1.0}, k=0)
+    with pytest.raises(ValueError, match="opened without a sparse model"):
+        await store_without_sparse.upsert_passages(passages, dense, [{}, {}])
+    with pytest.raises(ValueError, match="opened without a sparse model"):
+        await store_without_sparse.nearest_passages_sparse({1: 1.0}, k=1)
+
+
+@pytest.fixture
+async def store_without_sparse(
+    hybrid: PgVectorStore, database: str
+) -> AsyncIterator[PgVectorStore]:
+    """A dense-only store on the index ``hybrid`` made."""
+    async with await PgVectorStore.open(database, **OPEN_ARGS) as opened:
+        yield opened
+
+
+async def test_a_dense_only_store_reads_a_hybrid_index_but_adds_no_passages(
+    hybrid: PgVectorStore, database: str
+) -> None:
+    rng = np.random.default_rng(24)
+    passage = Passage("1:0", "1", "text")
+    vector = _unit(rng, TEXT_DIM)
+    await hybrid.upsert_passages([passage], vector[None, :], [{5: 0.5}])
+    async with await PgVectorStore.open(database, **OPEN_ARGS) as dense_only:
+        assert (await dense_only.nearest_passages(vector, k=1))[0][0] == passage
+        with pytest.raises(ValueError, match="open it with that sparse model"):
+            await dense_only.upsert_passages([passage], vector[None, :])
+    assert await _rows(database, "SELECT count(*) FROM passage_terms") == [(1,)]
+
+
+async def test_binary_copy_writes_many_cases_exactly(database: str) -> None:
+    await PgVectorStore.drop(database)
+    async with await PgVectorStore.open(database, **OPEN_ARGS, hnsw=SMALL_GRAPH) as store:
+        await _check_binary_copy_writes_many_cases_exactly(store, database)
+
+
+async def _check_binary_copy_writes_many_cases_exactly(store: PgVectorStore, database: str) -> None:
+    rng = np.random.default_rng(25)
+    cases = [
+        _case(
+            f"c{i:04d}",
+            f"Patient/p{i % 97}",
+            _unit(rng, IMAGE_DIM),
+            _labs(rng, 1 + i % LAB_DIM) if i % 3 else None,
+            findings=tuple(f"finding {j}, with 'quotes' and ünïcode" for j in range(i % 4)),
+        )
+        for i in range(2000)
+    ]
+    await store.upsert_cases(cases)
+    await store.upsert_cases(cases[::2])
+
+    async with await AsyncConnection.connect(database) as conn:
+        await register_vector_async(conn)
+        cursor = await conn.execute(
+            "SELECT case_id, patient_ref, study_uid, findings, findings_text, provenance,"
+            " image, findings_embedding, fused, labs, labs_measured FROM cases ORDER BY case_id"
+        )
+        rows = await cursor.fetchall()
+    assert len(rows) == len(cases)
+    for case, row in zip(cases, rows, strict=True):
+        record = case.record
+        assert row[:6] == (
+            record.case_id,
+            record.patient_ref,
+            record.study_uid,
+            list(record.findings),
+            case.findings_text,
+            record.provenance,
+        )
+        for stored, written in zip(row[6:9], (case.image, case.findings, case.fused), strict=True):
+            np.testing.assert_array_equal(stored.to_numpy(), written)
+        if case.labs is None:
+            assert row[9:] == (None, 0)
+        else:
+            np.testing.assert_array_equal(row[9].to_numpy(), case.labs.vector)
+            assert row[10] == case.labs.measured_count
+
+
+async def test_passages_keep_their_doi(store: PgVectorStore, database: str) -> None:
+    rng = np.random.default_rng(26)
+    passages = [Passage("1:0", "1", "a", doi="10.1056/NEJMoa2034577"), Passage("2:0", "2", "b")]
+    await store.upsert_passages(passages, np.stack([_unit(rng, TEXT_DIM) for _ in passages]))
+    assert await _rows(database, "SELECT passage_id, doi FROM passages ORDER BY 1") == [
+        ("1:0", "10.1056/NEJMoa2034577"),
+        ("2:0", None),
+    ]
+
+
+async def test_the_vector_extension_version_is_detected(
+    store: PgVectorStore, database: str, deployment: str
+) -> None:
+    [(installed,)] = await _rows(
+        database, "SELECT extversion FROM pg_extension WHERE extname = 'vector'"
+    )
+    assert store.vector_version == tuple(int(part) for part in installed.split("."))
+    # The embedded pgserver ships pgvector 0.6.2, the Debian server 0.8.0.
+    assert store.vector_version[:2] == ((0, 8) if deployment == "server" else (0, 6))
+    assert store.iterative_scan is (deployment == "server")
+
+
+@contextmanager
+def _index_scans_only(server: PostgresServer) -> Iterator[str]:
+    """A fresh database whose planner avoids sequential scans, dropped afterwards.
+
+    On a table of a few thousand rows the planner may sort the rows that pass a filter exactly
+    rather than scan the HNSW index (pgvector 0.8 counts ``ef_search`` in the index scan's
+    cost); a test of the index scan itself must not let it.
+    """
+    name = f"index_scans_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(server.dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} SET enable_seqscan = off").format(sql.Identifier(name))
+        )
+    try:
+        yield server.dsn_for(name)
+    finally:
+        with psycopg.connect(server.dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def index_database(database_server: PostgresServer) -> Iterator[str]:
+    """:func:`_index_scans_only` on the module's deployment."""
+    with _index_scans_only(database_server) as dsn:
+        yield dsn
+
+
+@pytest.fixture
+def server_index_database(server_postgres: ServerPostgres) -> Iterator[str]:
+    """:func:`_index_scans_only` on the PostgreSQL server (pgvector 0.8)."""
+    with _index_scans_only(server_postgres) as dsn:
+        yield dsn
+
+
+async def _crowded_index(
+    store: PgVectorStore, database: str, rng: np.random.Generator, *, own: int, others: int
+) -> tuple[Vector, list[IndexedCase]]:
+    """``own`` cases of Patient/q round a query, nearer it than almost all of ``others``
+    cases of other patients; the query, and the others. Fails unless the filtered search
+    scans the HNSW index."""
+    query = _unit(rng, IMAGE_DIM)
+    crowd = [
+        _case(
+            f"own{i}",
+            "Patient/q",
+            query + rng.normal(scale=0.05, size=IMAGE_DIM).astype(np.float32),
+        )
+        for i in range(own)
+    ]
+    rest = [_case(f"o{i}", f"Patient/o{i % 7}", _unit(rng, IMAGE_DIM)) for i in range(others)]
+    await store.upsert_cases(crowd + rest)
+    await store.analyze()
+    async with await AsyncConnection.connect(database) as conn:
+        await register_vector_async(conn)
+        cursor = await conn.execute(
+            "EXPLAIN SELECT case_id FROM cases WHERE patient_ref <> %s"
+            " ORDER BY fused <=> %s LIMIT %s",
+            ("Patient/q", query, 10),
+        )
+        plan = "\n".join(line for (line,) in await cursor.fetchall())
+    assert "Index Scan using cases_fused_hnsw_idx" in plan
+    return query, rest
+
+
+def _check_filtered_hits(
+    hits: Sequence[tuple[CaseRecord, float]], query: Vector, others: Sequence[IndexedCase], k: int
+) -> None:
+    """k hits, none of Patient/q, each with its exact cosine similarity, most similar first.
+
+    Which k: HNSW is approximate, so the hits may differ from the exact k nearest; that they
+    are k, and none of them the excluded patient's, is what the filtered scan must ensure.
+    """
+    fused = {c.record.case_id: c.fused for c in others}
+    assert len(hits) == k
+    assert all(case.patient_ref != "Patient/q" for case, _ in hits)
+    assert [s for _, s in hits] == pytest.approx(
+        [_cosine(query, fused[case.case_id]) for case, _ in hits], abs=1e-5
+    )
+    assert [s for _, s in hits] == sorted((s for _, s in hits), reverse=True)
+
+
+async def test_crowding_cases_of_the_excluded_patient_never_take_the_places_of_others(
+    index_database: str,
+) -> None:
+    rng = np.random.default_rng(27)
+    async with await PgVectorStore.open(index_database, **OPEN_ARGS, hnsw=SMALL_GRAPH) as store:
+        # 300 cases of the query's own patient round the query: a scan of ef_search (40)
+        # candidates, filtered afterwards, would return none.
+        query, others = await _crowded_index(store, index_database, rng, own=300, others=1500)
+        hits = await store.nearest_by_image(query, k=10, exclude_patient="Patient/q")
+    _check_filtered_hits(hits, query, others, 10)
+
+
+async def test_iterative_scans_get_past_more_crowding_cases_than_ef_search_can_hold(
+    server_index_database: str,
+) -> None:
+    # More of the patient's own cases than the largest ef_search (1000): widening ef_search,
+    # all pgvector 0.6 can do, does not get past them (measured: no case comes back); an
+    # iterative scan goes on until it has k.
+    rng = np.random.default_rng(28)
+    dsn = server_index_database
+    async with await PgVectorStore.open(dsn, **OPEN_ARGS, hnsw=SMALL_GRAPH) as store:
+        assert store.iterative_scan
+        query, others = await _crowded_index(store, dsn, rng, own=2000, others=2000)
+        hits = await store.nearest_by_image(query, k=5, exclude_patient="Patient/q")
+    _check_filtered_hits(hits, query, others, 5)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import numpy as np
 import pytest
 from psycopg import AsyncConnection
 
 from adapters.store.pgvector_store import PgVectorStore
 from adapters.store.schema import (
     MIGRATIONS,
+    SPARSE_DIM,
     HnswParams,
     IndexModelMismatch,
     IndexModels,
@@ -20,6 +22,7 @@ from adapters.store.schema import (
     migrate,
 )
 from core.labs import LAB_PANEL, LabTest
+from core.types import Passage
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -131,7 +134,8 @@ async def test_tables_columns_and_indexes(dsn: str) -> None:
         dsn,
         "SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull"
         " FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid"
-        " WHERE c.relname IN ('cases', 'passages') AND a.attnum > 0 AND NOT a.attisdropped",
+        " WHERE c.relname IN ('cases', 'passages', 'passage_terms')"
+        " AND a.attnum > 0 AND NOT a.attisdropped",
     )
     types = {(table, name): (kind, not_null) for table, name, kind, not_null in columns}
     assert types[("cases", "fused")] == ("vector(8)", True)
@@ -144,6 +148,7 @@ async def test_tables_columns_and_indexes(dsn: str) -> None:
     assert types[("passages", "dense")] == ("vector(16)", True)
     assert types[("passages", "pmid")] == ("text", True)
     assert types[("passages", "title")] == ("text", False)
+    assert types[("passages", "doi")] == ("text", False)
 
     indexes = await _rows(
         dsn,
@@ -160,6 +165,41 @@ async def test_tables_columns_and_indexes(dsn: str) -> None:
         assert f"({column} vector_cosine_ops)" in ddl
     assert by_name["cases_patient_ref_idx"][0] == "btree"
 
+    postings = await _rows(
+        dsn,
+        "SELECT i.relname, pg_get_indexdef(i.oid) FROM pg_index x"
+        " JOIN pg_class i ON i.oid = x.indexrelid"
+        " WHERE x.indrelid = 'passage_terms'::regclass ORDER BY 1",
+    )
+    assert [name for name, _ in postings] == ["passage_terms_passage_idx", "passage_terms_pkey"]
+    assert dict(postings)["passage_terms_pkey"].endswith(
+        "USING btree (term, passage_id) INCLUDE (weight)"
+    )
+    assert types[("passage_terms", "term")] == ("integer", True)
+    assert types[("passage_terms", "weight")] == ("real", True)
+
+
+async def test_the_sparse_search_reads_the_postings_by_term(dsn: str) -> None:
+    # A sparse HNSW graph: the dense vectors are not what is tested, and it builds faster.
+    hnsw = HnswParams(m=4, ef_construction=8)
+    async with await PgVectorStore.open(
+        dsn, **OPEN_ARGS, sparse_model="sparse-a", hnsw=hnsw
+    ) as store:
+        rng = np.random.default_rng(0)
+        n = 2000
+        passages = [Passage(f"{i}:0", str(i), "text") for i in range(n)]
+        dense = rng.normal(size=(n, MODELS.text_dim)).astype(np.float32)
+        sparse = [{int(t): 0.5 for t in rng.choice(5000, size=20, replace=False)} for _ in range(n)]
+        await store.upsert_passages(passages, dense, sparse)
+        await store.analyze()
+    async with await AsyncConnection.connect(dsn) as conn:
+        cursor = await conn.execute(
+            "EXPLAIN SELECT passage_id, sum(weight) FROM passage_terms"
+            " WHERE term = ANY('{1, 2, 3}'::integer[]) GROUP BY passage_id"
+        )
+        plan = "\n".join(line for (line,) in await cursor.fetchall())
+    assert "passage_terms_pkey" in plan
+
 
 async def test_default_hnsw_parameters_are_pgvectors(dsn: str) -> None:
     async with await AsyncConnection.connect(dsn) as conn:
@@ -168,6 +208,79 @@ async def test_default_hnsw_parameters_are_pgvectors(dsn: str) -> None:
         dsn, "SELECT reloptions FROM pg_class WHERE relname = 'passages_dense_hnsw_idx'"
     )
     assert sorted(options[0][0]) == ["ef_construction=64", "m=16"]
+
+
+async def test_a_database_of_versions_1_and_2_is_adopted_with_its_data(dsn: str) -> None:
+    async with await AsyncConnection.connect(dsn) as conn:
+        # The database as the release before migration 3 left it.
+        async with conn.transaction():
+            await conn.execute(
+                "CREATE TABLE schema_migrations (version integer PRIMARY KEY,"
+                " description text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            for migration in MIGRATIONS[:2]:
+                for statement in migration.statements(MODELS, HnswParams()):
+                    await conn.execute(statement)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, description) VALUES (%s, %s)",
+                    (migration.version, migration.description),
+                )
+            async with conn.cursor() as cursor:
+                await cursor.executemany(
+                    "INSERT INTO index_models (role, model, dim) VALUES (%s, %s, %s)",
+                    [(role, model, dim) for role, (model, dim) in MODELS.by_role().items()],
+                )
+            vector = "[" + ",".join(["0.25"] * MODELS.text_dim) + "]"
+            await conn.execute(
+                "INSERT INTO passages (passage_id, pmid, section, year, title, text, dense)"
+                " VALUES ('7:0', '7', 'RESULTS', '1999', 'Old', 'kept', %s)",
+                (vector,),
+            )
+        assert await migrate(conn, MODELS) == (3,)
+    async with await PgVectorStore.open(dsn, **OPEN_ARGS) as store:
+        hits = await store.nearest_passages(np.ones(MODELS.text_dim, np.float32), k=1)
+    assert hits[0][0] == Passage("7:0", "7", "kept", "RESULTS", "1999", "Old", None)
+    assert hits[0][1] == pytest.approx(1.0, abs=1e-5)
+    assert await _rows(dsn, "SELECT version FROM schema_migrations ORDER BY 1") == [
+        (1,),
+        (2,),
+        (3,),
+    ]
+
+
+async def test_the_sparse_model_is_recorded_and_another_refused(dsn: str) -> None:
+    sparse = OPEN_ARGS | {"sparse_model": "sparse-a"}
+    async with await PgVectorStore.open(dsn, **sparse) as store:
+        assert store.models.sparse_model == "sparse-a"
+        rng = np.random.default_rng(1)
+        await store.upsert_passages(
+            [Passage("1:0", "1", "text")],
+            rng.normal(size=(1, MODELS.text_dim)).astype(np.float32),
+            [{3: 0.5}],
+        )
+    recorded = await _rows(dsn, "SELECT model, dim FROM index_models WHERE role = 'sparse'")
+    assert recorded == [("sparse-a", SPARSE_DIM)]
+
+    with pytest.raises(IndexModelMismatch, match="sparse: index has sparse-a, requested sparse-b"):
+        await PgVectorStore.open(dsn, **(OPEN_ARGS | {"sparse_model": "sparse-b"}))
+    # A dense-only service may search the same index.
+    async with await PgVectorStore.open(dsn, **OPEN_ARGS) as dense_only:
+        assert dense_only.models.sparse_model is None
+    assert await _rows(dsn, "SELECT model FROM index_models WHERE role = 'sparse'") == [
+        ("sparse-a",)
+    ]
+
+
+async def test_a_sparse_model_is_refused_for_passages_indexed_without_one(dsn: str) -> None:
+    async with await PgVectorStore.open(dsn, **OPEN_ARGS) as store:
+        rng = np.random.default_rng(2)
+        await store.upsert_passages(
+            [Passage("1:0", "1", "text")],
+            rng.normal(size=(1, MODELS.text_dim)).astype(np.float32),
+        )
+    with pytest.raises(IndexModelMismatch, match="sparse: index has nothing, requested sparse-a"):
+        await PgVectorStore.open(dsn, **(OPEN_ARGS | {"sparse_model": "sparse-a"}))
+    assert await _rows(dsn, "SELECT role FROM index_models WHERE role = 'sparse'") == []
 
 
 async def test_drop_index_removes_the_index_and_keeps_the_ledger(dsn: str) -> None:
@@ -182,7 +295,7 @@ async def test_drop_index_removes_the_index_and_keeps_the_ledger(dsn: str) -> No
         await drop_index(conn)
     assert await _rows(dsn, query) == ledger
     async with await AsyncConnection.connect(dsn) as conn:
-        assert await migrate(conn, MODELS) == (1, 2)  # a rebuild adopts the kept tables
+        assert await migrate(conn, MODELS) == (1, 2, 3)  # a rebuild adopts the kept tables
     assert await _rows(dsn, "SELECT issuer, jti FROM seen_jwt_ids") == [("iss", "jti")]
 
 
@@ -197,6 +310,8 @@ def test_models_and_hnsw_parameters_are_validated() -> None:
         HnswParams(m=16, ef_construction=20)
     with pytest.raises(ValueError, match="m must"):
         HnswParams(m=1)
+    with pytest.raises(ValueError, match="sparse_model"):
+        IndexModels(image_model="a", image_dim=8, text_model="b", text_dim=8, sparse_model="")
 
 
 def test_lab_panel_id_follows_the_panel() -> None:
