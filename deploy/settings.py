@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     models_dir: Path | None = None
     image_model: str = "tiny-biomedclip"
     text_model: str = "minilm"
+    reranker: str | None = None
     onnx_providers: str = "auto"
     onnx_precision: Literal["auto", "fp32", "fp16", "int8"] = "auto"
     onnx_graph_optimization: Literal["disabled", "basic", "extended", "all"] = "all"
@@ -71,6 +72,11 @@ class Settings(BaseSettings):
     cases_k: int = Field(default=5, ge=1, le=50)
     passages_k: int = Field(default=3, ge=1, le=20)
     rrf_k: int = Field(default=60, ge=1)
+    literature_candidates: int = Field(default=30, ge=1, le=1000)
+    hnsw_m: int = Field(default=16, ge=2, le=100)
+    hnsw_ef_construction: int = Field(default=64, ge=4, le=1000)
+    ef_search: int = Field(default=40, ge=1, le=1000)
+    rerank_top_n: int = Field(default=20, ge=1, le=1000)
     min_labs: int = Field(default=3, ge=1)
     log_format: Literal["json", "text"] = "json"
 

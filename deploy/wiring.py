@@ -27,13 +27,16 @@ from adapters.imaging.archive import DicomArchive
 from adapters.imaging.dicomweb import open_dicomweb_archive
 from adapters.models.batching import BatchSettings
 from adapters.models.clip import OnnxClipEmbedder
-from adapters.models.manifest import ManifestError
+from adapters.models.manifest import ManifestError, read_manifest
+from adapters.models.rerank import OnnxReranker
 from adapters.models.session import SessionSettings
+from adapters.models.sparse_text import OnnxBgeM3Embedder
 from adapters.models.text import OnnxTextEmbedder
 from adapters.store.embedded import EmbeddedPostgres
 from adapters.store.ledger import PgCardLedger
 from adapters.store.pgvector_store import PgVectorStore
 from adapters.store.replay_guard import PostgresReplayGuard
+from adapters.store.schema import HnswParams
 from cds_hooks.app import Runtime, create_app
 from cds_hooks.auth import Authenticator, TrustedClient, load_trusted_clients
 from cds_hooks.calls import Caller, CallPolicy
@@ -56,9 +59,12 @@ from deploy.settings import Settings
 __all__ = [
     "Components",
     "ConfigurationError",
+    "LoadedModels",
     "app_for",
     "build_runtime",
+    "load_models",
     "open_components",
+    "open_index",
     "open_ledger",
     "trusted_clients",
 ]
@@ -71,12 +77,36 @@ class ConfigurationError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class LoadedModels:
+    """The models a deployment serves.
+
+    Args:
+        image_model: the image/text model the cases are indexed with.
+        text_model: the text model the literature's dense vectors come from.
+        sparse_model: the model of the literature's sparse weights: the text model itself when
+            it is BGE-M3 (one run gives both), else ``None`` (dense search only).
+        reranker: the cross-encoder that reranks the literature's fused candidates, if any.
+    """
+
+    image_model: OnnxClipEmbedder
+    text_model: OnnxTextEmbedder | OnnxBgeM3Embedder
+    sparse_model: OnnxBgeM3Embedder | None
+    reranker: OnnxReranker | None
+
+    async def aclose(self) -> None:
+        """Stop every model's batchers."""
+        await self.image_model.aclose()
+        await self.text_model.aclose()
+        if self.reranker is not None:
+            await self.reranker.aclose()
+
+
+@dataclass(frozen=True, slots=True)
 class Components:
     """The opened adapters of one deployment.
 
     Args:
-        image_model: the image/text model the cases are indexed with.
-        text_model: the text model the literature is indexed with.
+        models: the models served.
         store: the case and literature index.
         ledger: the cards issued and the feedback on them, in the index database.
         replay_guard: the JWT ids already used, in the index database, so that every process
@@ -87,8 +117,7 @@ class Components:
         fusion: the late fusion weights of indexed cases.
     """
 
-    image_model: OnnxClipEmbedder
-    text_model: OnnxTextEmbedder
+    models: LoadedModels
     store: PgVectorStore
     ledger: PgCardLedger
     replay_guard: PostgresReplayGuard
@@ -97,11 +126,33 @@ class Components:
     http: httpx.AsyncClient
     fusion: FusionWeights
 
+    @property
+    def image_model(self) -> OnnxClipEmbedder:
+        """The image/text model the cases are indexed with."""
+        return self.models.image_model
 
-def _load_models(settings: Settings) -> tuple[OnnxClipEmbedder, OnnxTextEmbedder]:
-    image_dir = settings.models_path / settings.image_model
-    text_dir = settings.models_path / settings.text_model
-    batching = BatchSettings(max_batch=settings.batch_max, max_wait_ms=settings.batch_max_wait_ms)
+    @property
+    def text_model(self) -> OnnxTextEmbedder | OnnxBgeM3Embedder:
+        """The text model the literature is indexed with."""
+        return self.models.text_model
+
+    @property
+    def sparse_model(self) -> OnnxBgeM3Embedder | None:
+        """The model of the literature's sparse weights, if any."""
+        return self.models.sparse_model
+
+    @property
+    def reranker(self) -> OnnxReranker | None:
+        """The literature reranker, if any."""
+        return self.models.reranker
+
+
+def session_settings(settings: Settings) -> tuple[SessionSettings, BatchSettings]:
+    """The ONNX Runtime session and batching settings of a deployment.
+
+    Raises:
+        ConfigurationError: an ONNX Runtime setting is invalid.
+    """
     try:
         session = SessionSettings(
             providers=settings.onnx_providers,
@@ -113,9 +164,42 @@ def _load_models(settings: Settings) -> tuple[OnnxClipEmbedder, OnnxTextEmbedder
             trt_cache_dir=settings.onnx_trt_cache_dir,
             device_id=settings.onnx_device_id,
         )
-        models = (
-            OnnxClipEmbedder(image_dir, session=session, batching=batching),
-            OnnxTextEmbedder(text_dir, session=session, batching=batching),
+    except ValueError as error:
+        raise ConfigurationError(f"ONNX Runtime settings: {error}") from error
+    return session, BatchSettings(
+        max_batch=settings.batch_max, max_wait_ms=settings.batch_max_wait_ms
+    )
+
+
+def load_models(settings: Settings) -> LoadedModels:
+    """Open the models the settings name, each from its folder under ``models_path``.
+
+    The text model's folder decides whether literature search is hybrid: a BGE-M3 export
+    (kind ``dense-sparse-text-embedder``) serves both the dense and the sparse leg; any other
+    text embedder serves the dense leg alone. ``MEDIRAG_RERANKER`` adds the cross-encoder.
+
+    Raises:
+        ConfigurationError: a model folder is missing, damaged or of the wrong kind, or an ONNX
+            Runtime setting is invalid.
+    """
+    session, batching = session_settings(settings)
+    text_dir = settings.models_path / settings.text_model
+    try:
+        image_model = OnnxClipEmbedder(
+            settings.models_path / settings.image_model, session=session, batching=batching
+        )
+        hybrid = read_manifest(text_dir).kind == "dense-sparse-text-embedder"
+        text_model: OnnxTextEmbedder | OnnxBgeM3Embedder = (
+            OnnxBgeM3Embedder(text_dir, session=session, batching=batching)
+            if hybrid
+            else OnnxTextEmbedder(text_dir, session=session, batching=batching)
+        )
+        reranker = (
+            OnnxReranker(
+                settings.models_path / settings.reranker, session=session, batching=batching
+            )
+            if settings.reranker
+            else None
         )
     except ManifestError as error:
         raise ConfigurationError(
@@ -123,9 +207,16 @@ def _load_models(settings: Settings) -> tuple[OnnxClipEmbedder, OnnxTextEmbedder
         ) from error
     except ValueError as error:
         raise ConfigurationError(f"ONNX Runtime settings: {error}") from error
-    for model in models:
-        for graph in model.runtime.graphs:
-            log.info("model graph loaded", extra=graph.to_log())
+    models = LoadedModels(
+        image_model=image_model,
+        text_model=text_model,
+        sparse_model=text_model if isinstance(text_model, OnnxBgeM3Embedder) else None,
+        reranker=reranker,
+    )
+    for model in (image_model, text_model, reranker):
+        if model is not None:
+            for graph in model.runtime.graphs:
+                log.info("model graph loaded", extra=graph.to_log())
     return models
 
 
@@ -161,6 +252,42 @@ def _open_imaging(settings: Settings) -> DicomArchive:
 
 
 @asynccontextmanager
+async def open_index(settings: Settings) -> AsyncIterator[tuple[LoadedModels, PgVectorStore, str]]:
+    """Open the models and the index the settings name (not the archive or the ledger), and
+    close them on exit: what indexing literature needs, and the first part of
+    :func:`open_components`.
+
+    Yields:
+        The models, the store, and the index database's DSN.
+
+    Raises:
+        ConfigurationError: a model named by the settings is unusable.
+        SourceUnavailable: the database cannot be reached.
+        IndexModelMismatch: the index was built with other models.
+    """
+    try:
+        hnsw = HnswParams(m=settings.hnsw_m, ef_construction=settings.hnsw_ef_construction)
+    except ValueError as error:
+        raise ConfigurationError(f"HNSW settings: {error}") from error
+    models = load_models(settings)
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(models.aclose)
+        dsn = settings.dsn or stack.enter_context(EmbeddedPostgres(settings.postgres_path)).dsn
+        store = await PgVectorStore.open(
+            dsn,
+            image_model=models.image_model.model_id,
+            image_dim=models.image_model.dimension,
+            text_model=models.text_model.model_id,
+            text_dim=models.text_model.dimension,
+            sparse_model=None if models.sparse_model is None else models.sparse_model.model_id,
+            hnsw=hnsw,
+            ef_search=settings.ef_search,
+        )
+        stack.push_async_callback(store.close)
+        yield models, store, dsn
+
+
+@asynccontextmanager
 async def open_components(settings: Settings) -> AsyncIterator[Components]:
     """Open every adapter the settings name, and close them all on exit.
 
@@ -168,22 +295,8 @@ async def open_components(settings: Settings) -> AsyncIterator[Components]:
         ConfigurationError: a model, folder or database named by the settings is unusable.
         SourceUnavailable: the database cannot be reached.
     """
-    image_model, text_model = _load_models(settings)
     async with AsyncExitStack() as stack:
-        stack.push_async_callback(image_model.aclose)
-        stack.push_async_callback(text_model.aclose)
-        dsn = settings.dsn
-        if not dsn:
-            embedded = stack.enter_context(EmbeddedPostgres(settings.postgres_path))
-            dsn = embedded.dsn
-        store = await PgVectorStore.open(
-            dsn,
-            image_model=image_model.model_id,
-            image_dim=image_model.dimension,
-            text_model=text_model.model_id,
-            text_dim=text_model.dimension,
-        )
-        stack.push_async_callback(store.close)
+        models, store, dsn = await stack.enter_async_context(open_index(settings))
         # After the store, whose migrations create the ledger's tables.
         ledger = await PgCardLedger.open(dsn)
         stack.push_async_callback(ledger.close)
@@ -197,8 +310,7 @@ async def open_components(settings: Settings) -> AsyncIterator[Components]:
         bundles = BundleFolderRecords(settings.fhir_bundles) if settings.fhir_bundles else None
         http = await stack.enter_async_context(httpx.AsyncClient(timeout=settings.fhir_timeout_s))
         yield Components(
-            image_model=image_model,
-            text_model=text_model,
+            models=models,
             store=store,
             ledger=ledger,
             replay_guard=replay_guard,
@@ -295,13 +407,20 @@ def build_runtime(
         imaging=components.imaging,
         image_model=components.image_model,
         text_model=components.text_model,
+        sparse_model=components.sparse_model,
+        reranker=components.reranker,
         cases=components.store,
         literature=components.store,
         settings=AdvisorSettings(
             cases=CaseSearchSettings(
                 k=settings.cases_k, rrf_k=settings.rrf_k, min_labs=settings.min_labs
             ),
-            literature=LiteratureSearchSettings(k=settings.passages_k),
+            literature=LiteratureSearchSettings(
+                k=settings.passages_k,
+                candidates=settings.literature_candidates,
+                rrf_k=settings.rrf_k,
+                rerank_top_n=settings.rerank_top_n,
+            ),
         ),
     )
     caller = Caller(

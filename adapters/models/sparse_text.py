@@ -30,7 +30,7 @@ from adapters.models.session import (
     SessionSettings,
 )
 from adapters.models.tokenization import encode_batch
-from core.types import Vector
+from core.types import SparseWeights, Vector
 
 __all__ = [
     "DENSE_OUTPUT",
@@ -55,8 +55,6 @@ SPARSE_OUTPUT = "sparse"
 """Graph output: one weight per token, float32 ``(batch, sequence)``, zero at padding and at the
 special tokens FlagEmbedding leaves out of lexical weights."""
 
-SparseWeights = dict[int, float]
-"""Lexical weights of one text: token id to weight, every weight positive."""
 
 _KIND: ModelKind = "dense-sparse-text-embedder"
 
