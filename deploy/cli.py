@@ -8,6 +8,11 @@
   deploy/model_commands.py).
 * ``medirag bench embed``: ONNX Runtime against torch eager on the same weights (see
   deploy/bench_embed.py).
+* ``medirag bench retrieval``: HNSW against exact search, latency and recall, on generated
+  vectors (see deploy/bench_retrieval.py).
+* ``medirag ingest cases|literature``: fill the index (see deploy/ingest_commands.py).
+* ``medirag eval literature|cases``: retrieval quality on benchmarks (see
+  deploy/eval_commands.py).
 """
 
 from __future__ import annotations
@@ -29,9 +34,12 @@ from core.errors import SourceUnavailable
 from core.feedback import FeedbackReport
 from deploy.bench_embed import print_report as print_bench_report
 from deploy.bench_embed import run_bench
+from deploy.bench_retrieval import bench_retrieval_command
 from deploy.default_models import ExportUnavailable
 from deploy.demo import missing_shared_data, print_result, run_demo
+from deploy.eval_commands import eval_app
 from deploy.feedback_report import print_report
+from deploy.ingest_commands import ingest_app
 from deploy.logs import configure_logging
 from deploy.model_commands import (
     BIOMEDCLIP_HUB,
@@ -240,8 +248,12 @@ def _print_manifest(folder: Path, manifest: Manifest) -> None:
     )
 
 
+app.add_typer(ingest_app, name="ingest")
+app.add_typer(eval_app, name="eval")
+
 bench = typer.Typer(no_args_is_help=True, help="Measure speed.")
 app.add_typer(bench, name="bench")
+bench.command("retrieval")(bench_retrieval_command)
 
 
 @bench.command("embed")
