@@ -13,6 +13,7 @@ import re
 import uuid
 from collections import Counter
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from core.cards import SUMMARY_MAX, Card, IssuedCard, Link, Source
 from core.types import Brief, CaseHit, PassageHit
@@ -157,7 +158,18 @@ def _passage_item(i: int, hit: PassageHit) -> str:
     head = f"{i}. PMID [{p.pmid}]({PUBMED}{p.pmid}/)" + (f" ({_md(where)})" if where else "")
     if p.title:
         head += f": {_md(p.title)}"
-    return f"{head}\n\n   > {_md(_fit(p.text, 400))}"
+    if p.doi:
+        head += f" doi:[{_md(p.doi)}](https://doi.org/{quote(p.doi, safe='/')})"
+    return f"{head}\n\n   > {_md(_fit(p.text, 400))}" + _passage_legs(hit)
+
+
+def _passage_legs(hit: PassageHit) -> str:
+    """How the hybrid search ranked the passage; nothing for a dense search alone, whose order
+    is the card's."""
+    if all(match.leg == "dense" for match in hit.legs):
+        return ""
+    ranks = ", ".join(f"{match.leg} #{match.rank}" for match in hit.legs)
+    return f"\n\n   Ranked: {ranks}."
 
 
 def _literature_card(brief: Brief, seed: str) -> IssuedCard:

@@ -112,6 +112,21 @@ def test_brief_cards_attribute_every_case_and_passage():
         assert len(card.summary) <= SUMMARY_MAX
 
 
+def test_a_hybrid_passage_shows_its_doi_and_how_each_leg_ranked_it():
+    passage = Passage("9:1", "9", "Drainage text", "RESULTS", "2020", doi="10.1000/x_1")
+    legs = (
+        LegMatch("dense", 3, 0.61, "cos"),
+        LegMatch("sparse", 1, 0.35, "ip"),
+        LegMatch("rerank", 1, 0.9, "relevance"),
+    )
+    hybrid = brief(passages=(PassageHit(passage, 0.9, legs),))
+    literature = brief_cards(hybrid, instance="i")[1].card
+    assert "doi:[10.1000/x\\_1](https://doi.org/10.1000/x_1)" in literature.detail
+    assert "Ranked: dense #3, sparse #1, rerank #1." in literature.detail
+    dense_only = brief(passages=(PassageHit(passage, 0.6, legs[:1]),))
+    assert "Ranked:" not in brief_cards(dense_only, instance="i")[1].card.detail
+
+
 def test_table_has_a_column_per_leg_used():
     record = CaseRecord("c", "Patient/a", "1.2", ("Effusion",), "p")
     only_reason = (CaseHit(record, 0.1, (LegMatch("reason", 1, 0.8, "cos"),)),)
