@@ -61,6 +61,14 @@ _USER_ERRORS = (
 )
 
 
+# The options both evaluations take.
+_JsonOption = Annotated[bool, typer.Option("--json", help="Print only the JSON report on stdout.")]
+_OutOption = Annotated[
+    Path | None,
+    typer.Option(help="Where to write the report (default: MEDIRAG_DATA_DIR/eval)."),
+]
+
+
 def _fail(error: Exception) -> typer.Exit:
     _err.print("[red]error:[/red]", escape(str(error)), highlight=False, soft_wrap=True)
     return typer.Exit(2)
@@ -75,13 +83,8 @@ def literature(
             "its test qrels)."
         ),
     ],
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print only the JSON report on stdout.")
-    ] = False,
-    out: Annotated[
-        Path | None,
-        typer.Option(help="Where to write the report (default: MEDIRAG_DATA_DIR/eval)."),
-    ] = None,
+    as_json: _JsonOption = False,
+    out: _OutOption = None,
     text_model: Annotated[
         Path | None,
         typer.Option(help="Dense model folder (default: the service's MEDIRAG_TEXT_MODEL)."),
@@ -161,13 +164,8 @@ def cases(
     limit: Annotated[
         int | None, typer.Option(help="Evaluate only the first N images of labels.csv.")
     ] = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print only the JSON report on stdout.")
-    ] = False,
-    out: Annotated[
-        Path | None,
-        typer.Option(help="Where to write the report (default: MEDIRAG_DATA_DIR/eval)."),
-    ] = None,
+    as_json: _JsonOption = False,
+    out: _OutOption = None,
     image_model: Annotated[
         Path | None,
         typer.Option(help="Image/text model folder (default: the service's MEDIRAG_IMAGE_MODEL)."),

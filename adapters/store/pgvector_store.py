@@ -640,15 +640,9 @@ class PgVectorStore(Pooled):
             ValueError: for a query of the wrong shape, non-finite or all zeros, or a bad ``k``.
             SourceUnavailable: ``"case index"`` when the database cannot be reached.
         """
-        _check_k(k)
-        vector = _vector(query, self._models.image_dim, "image query", directional=True)
-        async with self._transaction(_CASES) as conn:
-            await self._prepare_filtered_scan(conn, k, exclude_patient)
-            cursor = await conn.execute(
-                _NEAREST_BY_IMAGE, {"query": vector, "patient": exclude_patient, "k": k}
-            )
-            rows = await cursor.fetchall()
-        return [(CaseRecord(c, p, s, tuple(f), v), float(score)) for c, p, s, f, v, score in rows]
+        return await self._nearest_by_cosine(
+            _NEAREST_BY_IMAGE, query, "image query", k=k, exclude_patient=exclude_patient
+        )
 
     async def nearest_by_findings(
         self, query: Vector, *, k: int, exclude_patient: str
@@ -673,12 +667,20 @@ class PgVectorStore(Pooled):
             ValueError: for a query of the wrong shape, non-finite or all zeros, or a bad ``k``.
             SourceUnavailable: ``"case index"`` when the database cannot be reached.
         """
+        return await self._nearest_by_cosine(
+            _NEAREST_BY_FINDINGS, query, "findings query", k=k, exclude_patient=exclude_patient
+        )
+
+    async def _nearest_by_cosine(
+        self, statement: str, query: Vector, what: str, *, k: int, exclude_patient: str
+    ) -> list[tuple[CaseRecord, float]]:
+        """Run a cosine search of the cases in the image model's space, filtered by patient."""
         _check_k(k)
-        vector = _vector(query, self._models.image_dim, "findings query", directional=True)
+        vector = _vector(query, self._models.image_dim, what, directional=True)
         async with self._transaction(_CASES) as conn:
             await self._prepare_filtered_scan(conn, k, exclude_patient)
             cursor = await conn.execute(
-                _NEAREST_BY_FINDINGS, {"query": vector, "patient": exclude_patient, "k": k}
+                statement, {"query": vector, "patient": exclude_patient, "k": k}
             )
             rows = await cursor.fetchall()
         return [(CaseRecord(c, p, s, tuple(f), v), float(score)) for c, p, s, f, v, score in rows]
