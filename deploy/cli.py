@@ -20,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import time
 from pathlib import Path
+from types import FrameType
 from typing import Annotated
 
 import typer
@@ -86,6 +88,25 @@ def _fail(error: Exception) -> typer.Exit:
     return typer.Exit(2)
 
 
+def _survive_reraised_stop_signals() -> None:
+    """Let the components close after uvicorn stops on SIGTERM or SIGINT.
+
+    uvicorn shuts down gracefully on those signals, then raises the signal again with the
+    handler it found when it started. With the default handlers that killed the process before
+    the index, the embedded PostgreSQL and the models were closed, leaving the embedded server
+    running. The handlers installed here take that one re-raised signal and restore the
+    defaults, so a second signal during the close still stops the process at once.
+    """
+
+    def take_once(signum: int, frame: FrameType | None) -> None:
+        signal.signal(
+            signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+        )
+
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, take_once)
+
+
 @app.command()
 def serve(
     insecure_dev: Annotated[
@@ -106,6 +127,7 @@ def serve(
             runtime = build_runtime(components, settings, clients)
             if clients is None:
                 logging.getLogger(__name__).warning("serving WITHOUT authentication")
+            _survive_reraised_stop_signals()
             await uvicorn.Server(server_config(app_for(runtime, settings), settings)).serve()
 
     try:

@@ -166,6 +166,12 @@ def server(cold, env, shared_data, signer, tmp_path_factory):
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
+    # A clean stop closes the components: the embedded PostgreSQL no longer counts the service
+    # among its holders (uvicorn re-raises SIGTERM after its shutdown, which used to kill the
+    # process first and leave the database server running).
+    holders = Path(env["MEDIRAG_DATA_DIR"]) / "postgres" / ".handle_pids.json"
+    assert process.returncode == 0, log.read_text()[-2000:]
+    assert process.pid not in json.loads(holders.read_text()), holders.read_text()
 
 
 def post(server, signer, body, token=None, path=SERVICE):
