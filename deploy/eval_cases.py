@@ -46,26 +46,22 @@ import math
 import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Callable, Collection, Mapping, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psycopg
 from pgvector.psycopg import register_vector_async
-from psycopg import AsyncConnection, sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg import AsyncConnection
 from rich.console import Console
 from rich.progress import Progress
 
 from adapters.fhir.bundle_folder import BundleFolderRecords
 from adapters.models.clip import OnnxClipEmbedder
-from adapters.store.embedded import EmbeddedPostgres
 from adapters.store.pgvector_store import PgVectorStore
 from adapters.store.schema import IndexModelMismatch
-from core.errors import SourceUnavailable
 from core.fusion import late_fuse, normalize
 from core.ingestion import CaseSource, FusionWeights, IngestReport, ingest_cases
 from core.labs import lab_profile
@@ -81,6 +77,7 @@ from core.types import (
     SkippedImage,
     Vector,
 )
+from deploy.eval_database import scratch_database
 from deploy.eval_report import EvalReport, ModelInfo, ReportFiles, write_report
 from deploy.settings import Settings
 from deploy.wiring import session_settings
@@ -114,7 +111,6 @@ __all__ = [
     "random_baseline",
     "rank_legs",
     "read_eval_cases",
-    "scratch_database",
     "shares_finding",
 ]
 
@@ -781,44 +777,6 @@ def finding_breakdown(
     return rows
 
 
-@asynccontextmanager
-async def scratch_database(settings: Settings) -> AsyncIterator[str]:
-    """The DSN of the evaluation's database, created if missing; never the service's index.
-
-    With ``MEDIRAG_DSN``, the database :data:`SCRATCH_DATABASE` on that server; without it, the
-    same database in an embedded PostgreSQL under ``<data_dir>/eval/pg``.
-
-    Raises:
-        SourceUnavailable: ``"evaluation database"`` when the server cannot be reached or the
-            database cannot be created.
-    """
-    async with AsyncExitStack() as stack:
-        server = settings.dsn
-        if not server:
-            embedded = stack.enter_context(EmbeddedPostgres(settings.data_dir / "eval" / "pg"))
-            server = embedded.dsn
-        if conninfo_to_dict(server).get("dbname") == SCRATCH_DATABASE:
-            yield server
-            return
-        try:
-            async with await AsyncConnection.connect(server, autocommit=True) as conn:
-                cursor = await conn.execute(
-                    "SELECT 1 FROM pg_database WHERE datname = %s", (SCRATCH_DATABASE,)
-                )
-                if await cursor.fetchone() is None:
-                    await conn.execute(
-                        sql.SQL("CREATE DATABASE {}").format(sql.Identifier(SCRATCH_DATABASE))
-                    )
-        except psycopg.errors.DuplicateDatabase:
-            pass  # another run created it between the check and the CREATE
-        except psycopg.Error as error:
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise SourceUnavailable(
-                "evaluation database", f"{SCRATCH_DATABASE} on the server: {reason}"
-            ) from error
-        yield make_conninfo(server, dbname=SCRATCH_DATABASE)
-
-
 async def open_scratch_store(
     dsn: str, *, image_model: str, image_dim: int, say: Callable[[str], None] = print
 ) -> PgVectorStore:
@@ -826,7 +784,7 @@ async def open_scratch_store(
     rebuilt (it is the evaluation's own, never the service's).
 
     Args:
-        dsn: the scratch database (:func:`scratch_database`).
+        dsn: the scratch database (:func:`deploy.eval_database.scratch_database`).
         image_model: the image model's id.
         image_dim: its embedding dimension.
         say: where to say that the index is being rebuilt.
@@ -1042,7 +1000,7 @@ async def evaluate_cases(
 
     async with AsyncExitStack() as stack:
         stack.push_async_callback(model.aclose)
-        dsn = await stack.enter_async_context(scratch_database(settings))
+        dsn = await stack.enter_async_context(scratch_database(settings, SCRATCH_DATABASE))
         store = await open_scratch_store(
             dsn, image_model=model.model_id, image_dim=model.dimension, say=say
         )

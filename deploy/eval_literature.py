@@ -34,14 +34,11 @@ import asyncio
 import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import psycopg
-from psycopg import sql
-from psycopg.conninfo import make_conninfo
 from rich.console import Console
 from rich.progress import Progress
 
@@ -51,14 +48,13 @@ from adapters.models.manifest import ManifestError, read_manifest
 from adapters.models.rerank import OnnxReranker
 from adapters.models.sparse_text import OnnxBgeM3Embedder
 from adapters.models.text import OnnxTextEmbedder
-from adapters.store.embedded import EmbeddedPostgres
 from adapters.store.pgvector_store import MAX_EF_SEARCH, PgVectorStore
 from core.bm25 import BM25
-from core.errors import SourceUnavailable
 from core.ingestion import IngestReport, ingest_passages
 from core.metrics import mean_metrics
 from core.retrieval import fuse_passages, rerank_passages
 from core.types import Passage, SparseWeights, Vector
+from deploy.eval_database import scratch_database
 from deploy.eval_report import (
     EvalReport,
     ModelInfo,
@@ -352,21 +348,6 @@ async def _open_models(
         yield _Models(text=text, sparse=sparse, reranker=cross)
 
 
-async def _create_database(admin_dsn: str, name: str) -> str:
-    """Create database ``name`` on the server of ``admin_dsn`` unless it exists; its DSN."""
-    try:
-        async with await psycopg.AsyncConnection.connect(admin_dsn, autocommit=True) as conn:
-            found = await conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
-            if await found.fetchone() is None:
-                # Another run may create it meanwhile.
-                with suppress(psycopg.errors.DuplicateDatabase):
-                    await conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    except psycopg.OperationalError as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SourceUnavailable("evaluation database", reason) from error
-    return make_conninfo(admin_dsn, dbname=name)
-
-
 async def _bounded(
     items: Sequence[T], work: Callable[[T], Awaitable[R]], advance: Callable[[int], None]
 ) -> list[R]:
@@ -484,11 +465,8 @@ async def run_literature_eval(
         )
         sparse_id = None if models.sparse is None else models.sparse.model_id
         database = eval_database_name(data, models.text.model_id, sparse_id)
-        admin_dsn = settings.dsn
-        if not admin_dsn:
-            admin_dsn = stack.enter_context(EmbeddedPostgres(settings.data_dir / "eval" / "pg")).dsn
         store = await PgVectorStore.open(
-            await _create_database(admin_dsn, database),
+            await stack.enter_async_context(scratch_database(settings, database)),
             image_model=_NO_IMAGE_MODEL,
             image_dim=_NO_IMAGE_DIM,
             text_model=models.text.model_id,

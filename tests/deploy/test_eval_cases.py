@@ -35,9 +35,9 @@ from deploy.eval_cases import (
     queries_for,
     random_baseline,
     rank_legs,
-    scratch_database,
 )
 from deploy.eval_commands import eval_app
+from deploy.eval_database import scratch_database
 from deploy.settings import Settings
 
 LIMIT = 60
@@ -337,7 +337,7 @@ def test_query_labels_never_change_a_ranking(second, env):
 @pytest.mark.slow
 def test_scratch_database_on_a_server_is_its_own(postgres):
     async def open_it():
-        async with scratch_database(Settings(dsn=postgres.dsn)) as dsn:
+        async with scratch_database(Settings(dsn=postgres.dsn), SCRATCH_DATABASE) as dsn:
             return dsn
 
     dsn = asyncio.run(open_it())
